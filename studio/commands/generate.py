@@ -1,0 +1,44 @@
+"""studio generate: prompt -> PNGs with their settings embedded."""
+
+
+def add_arguments(p):
+    p.add_argument("--base", default="embedded", help="embedded, embedded-dit, a diffusers folder, or a hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--scheduler", default="default", help="default, ddim, euler, unipc, dpm++")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
+    p.add_argument("--attention", default="auto", choices=["auto", "xformers", "sdpa"])
+    p.add_argument("--out", required=True, help="a .png file, or a folder for numbered files")
+
+
+def run(args):
+    from tqdm import tqdm
+
+    from pipelines.text2image import GenerationSettings
+    from studio.generate import run_generate
+
+    settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
+                                  guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                                  num_images=args.num_images, scheduler=args.scheduler)
+    settings.validate()
+    bars = []  # created at the first step, so loading time does not distort the rate
+
+    def progress(step, total, latents):
+        if not bars:
+            bars.append(tqdm(total=total, desc="generating", unit="step", leave=False))
+        bars[0].update(step - bars[0].n)
+
+    _, paths = run_generate(settings, base=args.base, out=args.out, device=args.device, dtype=args.dtype,
+                            attention=args.attention, preview=progress, preview_every=1)
+    for bar in bars:
+        bar.close()
+    for path in paths:
+        print(path)
+    return 0

@@ -1,0 +1,53 @@
+"""Generation as the application does it: cached pipelines, output files, the same path for CLI and UI."""
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+
+_PIPES: OrderedDict = OrderedDict()
+MAX_CACHED = 2
+
+
+def get_pipeline(base="embedded", device=None, dtype=None, attention="auto"):
+    """Load a pipeline once per process (least-recently-used cache of MAX_CACHED)."""
+    from pipelines import load_pipeline
+
+    key = (str(base), str(device), str(dtype), attention)
+    if key in _PIPES:
+        _PIPES.move_to_end(key)
+        return _PIPES[key]
+    pipe = load_pipeline(base, device=device, dtype=dtype, attention=attention)
+    pipe.set_progress_bar_config(disable=True)
+    _PIPES[key] = pipe
+    while len(_PIPES) > MAX_CACHED:
+        _PIPES.popitem(last=False)
+    return pipe
+
+
+def output_paths(out, count: int):
+    """out.png -> [out.png] for one image, [out-0.png, out-1.png, ...] for several; a folder -> numbered files."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        return [out / f"{i:04d}.png" for i in range(count)]
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def run_generate(settings, base="embedded", out=None, device=None, dtype=None, attention="auto",
+                 preview=None, preview_every=0, stop=None, pipe=None):
+    """Generate the images for `settings` (a pipelines.GenerationSettings); write PNGs if `out` is given.
+    Returns (images, paths)."""
+    from pipelines.text2image import generate
+
+    pipe = pipe or get_pipeline(base, device=device, dtype=dtype, attention=attention)
+    settings.extra.setdefault("Model", str(base))
+    images = generate(pipe, settings, preview=preview, preview_every=preview_every, stop=stop)
+    paths = []
+    if out is not None:
+        from studio.images import save_png
+
+        paths = output_paths(out, len(images))
+        for i, (image, path) in enumerate(zip(images, paths)):
+            # Each file records the seed that reproduces it alone.
+            save_png(image, path, replace(settings, seed=int(settings.seed) + i, num_images=1))
+    return images, paths
