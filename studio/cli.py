@@ -11,6 +11,7 @@ from importlib import import_module
 # sub-command -> (module, one-line help). Adding a command = one line here plus its module.
 COMMANDS = {
     "generate": ("studio.commands.generate", "generate images from a prompt"),
+    "bench": ("studio.commands.bench", "run a benchmark suite (JSON + table)"),
 }
 
 
