@@ -25,6 +25,9 @@ _EXPORTS = {
     "family_kwargs": "pipelines.text2image",
     "decode_preview": "pipelines.text2image",
     "make_scheduler": "pipelines.text2image",
+    "one_step": "pipelines.hipa",
+    "HiPALossConfig": "pipelines.hipa",
+    "hipa_loss": "pipelines.hipa",
 }
 
 __all__ = sorted(_EXPORTS)

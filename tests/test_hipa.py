@@ -1,0 +1,127 @@
+"""HiPA: high-frequency operators on known inputs, the loss, the one-step path and the teacher cache."""
+import pytest
+import torch
+
+from pipelines import hipa
+
+
+def checkerboard(size=8, channels=3, low=0.0, high=1.0):
+    i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    board = torch.where((i + j) % 2 == 0, torch.tensor(high), torch.tensor(low))
+    return board.expand(1, channels, size, size).clone()
+
+
+def test_constant_image_has_no_high_frequency():
+    flat = torch.full((2, 3, 16, 16), 0.7)
+    assert hipa.highpass(flat).abs().max() < 1e-6
+    assert hipa.hf_energy(flat).abs().max() < 1e-10
+    assert hipa.sobel_magnitude(flat).abs().max() < 1e-6
+    assert hipa.laplacian(flat).abs().max() < 1e-6
+
+
+def test_checkerboard_has_the_expected_energy():
+    # {0,1} board = 0.5 + 0.5·(-1)^(i+j): all its variation sits at the Nyquist corner (radius 0.707).
+    board = checkerboard(8)
+    high = hipa.highpass(board)
+    assert torch.allclose(high, board - 0.5, atol=1e-6)
+    assert torch.allclose(hipa.hf_energy(board), torch.tensor([0.25]), atol=1e-6)
+    # Laplacian of ±1 board is -8·board everywhere (reflect padding keeps the borders exact) ...
+    signed = checkerboard(8, low=-1.0, high=1.0)
+    assert torch.allclose(hipa.laplacian(signed), -8 * signed[:, :1], atol=1e-5)
+    # ... while Sobel is blind to it: its x/y taps skip a pixel, and those have the same sign.
+    assert hipa.sobel_magnitude(signed).abs().max() < 1e-5
+
+
+def test_sobel_on_a_step_edge():
+    step = torch.zeros(1, 1, 8, 8)
+    step[..., 4:] = 1.0
+    magnitude = hipa.sobel_magnitude(step)[0, 0]
+    assert torch.allclose(magnitude[:, 3:5], torch.full((8, 2), 4.0), atol=1e-4)
+    assert magnitude[:, :3].abs().max() < 1e-5 and magnitude[:, 5:].abs().max() < 1e-5
+
+
+def test_low_cosine_is_low_and_masks_partition_unity():
+    x = torch.arange(32, dtype=torch.float32)
+    low_cosine = torch.cos(2 * torch.pi * 2 * x / 32).view(1, 1, 1, 32).expand(1, 1, 32, 32)  # 1/16 cycles/pixel
+    assert hipa.highpass(low_cosine, cutoff=0.125).abs().max() < 1e-5
+    images = torch.randn(2, 3, 16, 12)
+    for transition in (0.0, 0.1):
+        low, high = hipa.split_frequencies(images, cutoff=0.2, transition=transition)
+        assert torch.allclose(low + high, images, atol=1e-5)
+        mask = hipa.radial_lowpass_mask(16, 12, 0.2, transition)
+        assert mask.min() >= 0 and mask.max() <= 1 and mask[0, 0] == 1
+
+
+def test_loss_terms_and_knobs():
+    teacher = torch.rand(2, 3, 16, 16)
+    total, terms = hipa.hipa_loss(teacher.clone(), teacher)
+    assert total.item() < 1e-6 and set(terms) >= {"spatial", "fft", "edge"}
+    blurred = torch.nn.functional.avg_pool2d(teacher, 3, 1, 1)
+    cfg = hipa.HiPALossConfig(spatial_weight=0.0, fft_weight=1.0, edge_weight=0.0)
+    total, terms = hipa.hipa_loss(blurred, teacher, cfg)
+    assert total.item() == pytest.approx(terms["fft"]) and terms["fft"] > 0
+    with pytest.raises(ValueError, match="l1"):
+        hipa.HiPALossConfig(spatial="lpips")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from pipelines.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_one_step_calls_the_model_once_per_image(tiny_pipe):
+    batches = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        images = hipa.one_step(tiny_pipe, "a photo of a bag", num_images=3, seed=4)
+        assert len(images) == 3 and batches == [3]  # one call, three images, no CFG doubling
+        batches.clear()
+        hipa.one_step(tiny_pipe, "a photo of a bag", num_images=1)
+        assert batches == [1]
+    finally:
+        hook.remove()
+    assert type(tiny_pipe.scheduler).__name__ == "DDIMScheduler"  # the pipeline's own scheduler is back
+
+
+def test_student_generator_matches_the_one_step_pipeline(tiny_pipe):
+    prompts = ["a photo of a bag"] * 2
+    latents = hipa.one_step(tiny_pipe, prompts[0], num_images=2, seed=9, output_type="latent")
+    noise = hipa.seeded_noise(tiny_pipe, 2, seed=9)
+    with torch.no_grad():
+        x0 = hipa.student_x0(tiny_pipe.unet, tiny_pipe.scheduler, noise, hipa.encode_prompts(tiny_pipe, prompts))
+    assert torch.allclose(x0, latents, atol=1e-5)
+    # and the ε -> x0 conversion is the spec's (z - σ_T ε̂) / α_T with T = 999
+    assert hipa.terminal_timestep(tiny_pipe.scheduler) == 999
+
+
+def test_teacher_cache_resumes(tiny_pipe, tmp_path):
+    from studio.hipa import TeacherPairs, build_teacher_cache
+
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        build_teacher_cache(tiny_pipe, tmp_path, count=3, prompts=["a", "b"], steps=2, shard_size=2, progress=False,
+                            stop=lambda: True)  # interrupted after the first shard
+        assert len(calls) == 2  # 2 steps, one batched (CFG-doubled) call each
+        first = TeacherPairs(tmp_path)
+        assert len(first) == 2
+        seen = []
+        build_teacher_cache(tiny_pipe, tmp_path, count=3, prompts=["a", "b"], steps=2, shard_size=2,
+                            progress=lambda done, total: seen.append((done, total)))
+        assert len(calls) == 4  # only the missing shard was generated
+        assert seen[0] == (2, 3) and seen[-1] == (3, 3)
+    finally:
+        hook.remove()
+    pairs = TeacherPairs(tmp_path)
+    assert len(pairs) == 3 and pairs[2]["prompt_index"].item() == 0
+    assert torch.equal(pairs[1]["noise"], first[1]["noise"])
+    # the stored noise is the seeded noise of pair i; the target is the teacher from it
+    assert torch.equal(pairs[2]["noise"], hipa.seeded_noise(tiny_pipe, 1, seed=2)[0])
+    again = hipa.teacher_x0(tiny_pipe, ["a"], pairs[2]["noise"][None], steps=2)
+    assert torch.allclose(again[0], pairs[2]["target"], atol=1e-5)
+    with pytest.raises(ValueError, match="other settings"):
+        build_teacher_cache(tiny_pipe, tmp_path, count=3, prompts=["a", "b"], steps=3, shard_size=2, progress=False)
