@@ -263,10 +263,11 @@ def use_adapter(pipe, adapter, weight: float = 1.0):
     loaded = getattr(pipe, "_hipa_adapter", None)
     if loaded == (path, float(weight)):
         return
-    if loaded is not None:
-        adapters.remove_adapter(model, ADAPTER_NAME)
     if not (Path(path) / "adapter_config.json").is_file():
         raise ValueError(f"not an adapter folder (no adapter_config.json): {adapter}")
+    if loaded is not None:
+        adapters.remove_adapter(model, ADAPTER_NAME)
+        pipe._hipa_adapter = None
     adapters.load_adapter(model, path, name=ADAPTER_NAME, weight=float(weight))
     pipe._hipa_adapter = (path, float(weight))
 
