@@ -12,6 +12,7 @@ from importlib import import_module
 COMMANDS = {
     "generate": ("studio.commands.generate", "generate images from a prompt"),
     "bench": ("studio.commands.bench", "run a benchmark suite (JSON + table)"),
+    "serve": ("studio.commands.serve", "the studio in the browser (Gradio) on 127.0.0.1"),
 }
 
 
