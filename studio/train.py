@@ -1,0 +1,1046 @@
+"""Subject fine-tuning: ONE training loop on accelerate, for every adapter method and for full fine-tuning.
+
+    from studio.train import TrainConfig, train
+    run_dir = train(TrainConfig(base="embedded", images="assets/subjects/bag", prompt="a photo of a bag",
+                                method="lora", rank=4, steps=300, out="runs/bag"))
+
+The same code runs on one CPU, one GPU, or several GPUs (`accelerate launch -m studio train ...`).
+
+What a step optimises is an Objective (`prepare(run)`, `loss(run, step, micro)`): SubjectObjective is the
+DreamBooth-style denoising loss with optional prior preservation; another objective (HiPA's one-step
+distillation) plugs into the same loop and gets precision, accumulation, checkpoints, exact resume,
+previews, logs and stop handling for free.
+
+Run folder (RUN_DIR):
+    config.yaml            the effective config (what --resume compares against)
+    data.json              images used, files skipped and why, the step/epoch plan
+    log.jsonl              one line per step: step, loss, lr, seconds, elapsed, peak_mem_mb (+ events)
+    samples/step-NNNNNN/   validation images on fixed seeds, step 0 = the base model's baseline
+    checkpoints/step-NNNNNN/   weights + optimiser + scheduler + RNG + method/objective state (safetensors + JSON)
+    adapter/               the final adapter (save_adapter format); `unet/` instead for method "full"
+    status.json            state (running / stopped / done), step, steps
+
+Exact resume: everything random comes from RNG states stored in the checkpoint, and the batch of any step
+is a pure function of (seed, step), so a resumed CPU run is bitwise identical to an uninterrupted one.
+Every file is written to a temporary name and renamed; a checkpoint is a folder renamed into place.
+
+Method hooks (generic, used by SaRA's progressive step; every one optional), looked up on each adapter
+layer of the trained adapter:
+    on_step(step, optimizer) -> bool   called once per optimiser step after gradients are ready and
+                                       clipped, before optimizer.step(); may edit the optimiser state
+                                       (e.g. reset moments); returning True skips that update.
+    regularization_loss() -> tensor    added to the objective's loss (e.g. SaRA's nuclear norm).
+    training_state() -> dict / load_training_state(dict)   extra non-buffer state kept in checkpoints
+                                       (tensors and JSON-able values). Buffers are saved anyway.
+"""
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from studio.files import atomic_path, write_json, write_text
+
+log = logging.getLogger("studio.train")
+
+FULL = "full"  # full fine-tuning of the UNet: the upper reference, no adapter
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+# Keys that may differ on --resume without changing the weights the run produces.
+RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet",
+               "validation_prompts", "validation_seeds", "validation_steps", "validation_guidance"}
+
+
+def _f(default, help_text, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+def _fl(default, help_text, **extra):
+    return field(default_factory=lambda: list(default), metadata={"help": help_text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Every field is a `studio train` flag (--lr-scheduler) and a YAML key."""
+    base: str = _f("embedded", "base model: embedded, a diffusers folder, or a hub id")
+    images: str = _f(None, "folder of subject images (+ optional same-name .txt captions)")
+    prompt: str = _f(None, "instance prompt for images without a caption, e.g. 'a photo of sks bag'")
+    method: str = _f("lora", "adapter method (lora, dora, sara, loldu, flora, tlora, ...) or 'full'")
+    rank: int = _f(4, "adapter rank")
+    alpha: float = _f(None, "adapter alpha (scale = alpha / rank; default alpha = rank)")
+    targets: str = _f("attn", "adapter targets: a preset (attn, ff, conv, all, joined by '+') or module patterns")
+    adapter_dropout: float = _f(0.0, "dropout inside the adapter")
+    adapter_options: dict = field(default_factory=dict, metadata={"help": "method options, KEY=VALUE", "kv": True})
+    steps: int = _f(500, "optimiser steps")
+    batch_size: int = _f(1, "examples per process per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimiser step (gradient accumulation)")
+    lr: float = _f(1e-4, "learning rate")
+    lr_scheduler: str = _f("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULES)}")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    optimizer: str = _f("adamw", "adamw, or adamw8bit (needs bitsandbytes)")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    mixed_precision: str = _f("auto", "auto (bf16/fp16 on GPU, fp32 on CPU), no, fp16, bf16")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    snr_gamma: float = _f(None, "min-SNR loss weighting gamma (5.0 is usual; default off)")
+    ema_decay: float = _f(None, "keep an EMA of the trained weights with this decay (e.g. 0.999); saved as the result")
+    resolution: int = _f(None, "training size in pixels (default: the model's native size)")
+    flip: bool = _f(False, "random horizontal flips")
+    repeats: int = _f(1, "how often each image appears per epoch")
+    caption_dropout: float = _f(0.0, "probability of training a step on the empty prompt")
+    prior_preservation: bool = _f(False, "also train on class images the base model generates itself")
+    class_prompt: str = _f(None, "prompt for the class images, e.g. 'a photo of a bag'")
+    class_images: int = _f(50, "number of class images for prior preservation")
+    prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    class_cache: str = _f(None, "folder that caches class images (default: RUN_DIR/class_images)")
+    seed: int = _f(0, "seed for initialisation, data order, noise and timesteps")
+    validate_every: int = _f(100, "write validation samples every N steps (0 = only step 0 and the end)")
+    validation_prompts: list = _fl([], "prompts for validation samples (default: the instance prompt)")
+    validation_seeds: list = _fl([0, 1], "fixed seeds for validation samples", item=int)
+    validation_steps: int = _f(20, "sampling steps for validation samples")
+    validation_guidance: float = _f(2.0, "guidance scale for validation samples")
+    checkpoint_every: int = _f(100, "write a resumable checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = _f(2, "keep only the newest N checkpoints")
+    device: str = _f(None, "cpu or cuda (default: what accelerate picks)")
+    out: str = _f(None, "the run folder")
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint")
+    force: bool = _f(False, "resume even though the config changed")
+    quiet: bool = _f(False, "no progress bar")
+    objective_options: dict = field(default_factory=dict, metadata={"help": "options for a custom objective", "yaml_only": True})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = {str(k).replace("-", "_"): v for k, v in dict(data or {}).items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting {unknown[0]!r} (see `studio train --help`)")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    @classmethod
+    def coerce(cls, config) -> "TrainConfig":
+        if isinstance(config, cls):
+            config.validate()
+            return config
+        return cls.from_dict(config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self):
+        def positive(name, allow_zero=False):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+                raise ValueError(f"{name.replace('_', '-')} must be a {'non-negative' if allow_zero else 'positive'} whole number, got {value!r}")
+
+        for name in ("steps", "batch_size", "grad_accum", "repeats", "rank", "class_images", "validation_steps"):
+            positive(name)
+        for name in ("warmup_steps", "validate_every", "checkpoint_every", "keep_checkpoints", "seed"):
+            positive(name, allow_zero=True)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adamw or adamw8bit")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"unknown mixed-precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= float(self.caption_dropout) < 1.0:
+            raise ValueError(f"caption-dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if self.ema_decay is not None and not 0.0 < float(self.ema_decay) < 1.0:
+            raise ValueError(f"ema-decay must be between 0 and 1, got {self.ema_decay!r}")
+        if self.snr_gamma is not None and not float(self.snr_gamma) > 0:
+            raise ValueError(f"snr-gamma must be positive, got {self.snr_gamma!r}")
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError("prior preservation needs --class-prompt (e.g. 'a photo of a bag')")
+        if not self.out:
+            raise ValueError("name the run folder with --out RUN_DIR")
+        if not isinstance(self.validation_seeds, list) or not all(isinstance(s, int) for s in self.validation_seeds):
+            raise ValueError("validation-seeds must be a list of whole numbers")
+
+    def adapter_config(self):
+        from adapters import AdapterConfig
+
+        return AdapterConfig(method=self.method, rank=int(self.rank), alpha=self.alpha, targets=self.targets,
+                             dropout=float(self.adapter_dropout), options=dict(self.adapter_options), base_model=str(self.base))
+
+
+def load_config_file(path) -> dict:
+    """A YAML (or JSON) file of TrainConfig keys."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# state on disk without pickle: tensors into safetensors, everything else into JSON
+
+def pack(obj, tensors: dict, prefix: str = "t"):
+    """Replace every tensor in a nested structure by a reference; collect the tensors. Keeps int keys and tuples."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}.{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": pack(torch.from_numpy(obj.copy()), tensors, prefix)}
+    if isinstance(obj, dict):
+        return {"__dict__": [[pack(k, tensors, prefix), pack(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack(v, tensors, prefix) for v in obj]}
+    if isinstance(obj, list):
+        return [pack(v, tensors, prefix) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def unpack(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return unpack(obj["__ndarray__"], tensors).numpy()
+        if "__tuple__" in obj:
+            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {unpack(k, tensors): unpack(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def save_state(folder: Path, name: str, obj):
+    """obj -> folder/name.json + folder/name.safetensors (both in a folder that is renamed into place later)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    structure = pack(obj, tensors)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(structure))
+
+
+def load_state(folder: Path, name: str):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return unpack(json.loads((folder / f"{name}.json").read_text()), tensors)
+
+
+def rng_state(generator=None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator=None):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Move a finished folder into place; an existing one is moved aside first and then deleted."""
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run folder
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path).expanduser()
+        self.config = self.path / "config.yaml"
+        self.log = self.path / "log.jsonl"
+        self.status = self.path / "status.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def list_checkpoints(self) -> list:
+        """Completed checkpoints, oldest first (temporary and half-deleted folders start with a dot)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file():
+                try:
+                    found.append((int(p.name[5:]), p))
+                except ValueError:
+                    continue
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self):
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def clean_leftovers(self):
+        """Temporary folders of a run that was killed while writing."""
+        for parent in (self.checkpoints, self.path):
+            if parent.is_dir():
+                for p in parent.iterdir():
+                    if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+
+    def read_config(self):
+        import yaml
+
+        return yaml.safe_load(self.config.read_text()) if self.config.is_file() else None
+
+    def write_config(self, config: TrainConfig):
+        import yaml
+
+        write_text(self.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def write_status(self, **status):
+        write_json(self.status, {**status, "updated": time.time()})
+
+    def read_status(self) -> dict:
+        try:
+            return json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def result(self, method: str) -> Path:
+        return self.path / ("unet" if method == FULL else "adapter")
+
+
+def run_status(run_dir) -> dict:
+    """status.json of a run folder: {"state": running|stopped|done|failed, "step": n, "steps": N, ...}."""
+    return RunFolder(run_dir).read_status()
+
+
+class JsonlLog:
+    """Append-only JSON lines; each line goes out in one write() so a kill never leaves half a line
+    (and readers skip one that somehow is)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict):
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def read(self) -> list:
+        return read_log(self.path)
+
+    def truncate_after(self, step: int):
+        """On resume: forget what happened after the checkpoint (it is about to happen again)."""
+        kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
+        write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def read_log(path) -> list:
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; whole process peak RSS
+
+
+# ---------------------------------------------------------------------------------------------------
+# what is trained: an adapter from adapters/, or the whole UNet
+
+class Trainable:
+    """The trained tensors and how they are saved, for an adapter method or full fine-tuning."""
+
+    def __init__(self, unet, config: TrainConfig):
+        self.unet, self.method = unet, config.method
+        self.handle = None
+        if config.method == FULL:
+            unet.requires_grad_(True)
+            self.params = [p for p in unet.parameters()]
+        else:
+            from adapters import METHODS, attach
+
+            if config.method not in METHODS:
+                raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(sorted(METHODS))}, {FULL}")
+            unet.requires_grad_(False)
+            self.handle = attach(unet, config.adapter_config(), name="default")
+            self.params = self.handle.trainable_parameters()
+            # Trainable tensors stay fp32 whatever the base's dtype (mixed precision casts at compute).
+            for p in self.params:
+                p.data = p.data.float()
+        if not self.params:
+            raise ValueError(f"method {config.method!r} with targets {config.targets!r} has nothing to train")
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def layers(self) -> list:
+        return list(self.handle.layers.values()) if self.handle is not None else []
+
+    def state_dict(self) -> dict:
+        if self.handle is not None:
+            return dict(self.handle.state_dict())
+        return dict(self.unet.state_dict())
+
+    def load_state_dict(self, tensors: dict):
+        if self.handle is not None:
+            self.handle.load_state_dict(tensors)
+        else:
+            self.unet.load_state_dict(tensors, strict=True)
+
+    # --- method hooks (see the module docstring)
+    def on_step(self, step: int, optimizer) -> bool:
+        skip = False
+        hook = getattr(self.handle, "on_step", None)
+        if hook is not None:
+            return bool(hook(step, optimizer))
+        for layer in self.layers():
+            if hasattr(layer, "on_step"):
+                skip = bool(layer.on_step(step, optimizer)) or skip
+        return skip
+
+    def regularization_loss(self):
+        total = None
+        for layer in self.layers():
+            if hasattr(layer, "regularization_loss"):
+                term = layer.regularization_loss()
+                if term is not None:
+                    total = term if total is None else total + term
+        return total
+
+    def training_state(self) -> dict:
+        return {str(i): layer.training_state() for i, layer in enumerate(self.layers()) if hasattr(layer, "training_state")}
+
+    def load_training_state(self, state: dict):
+        for i, layer in enumerate(self.layers()):
+            if str(i) in state and hasattr(layer, "load_training_state"):
+                layer.load_training_state(state[str(i)])
+
+    def save_result(self, folder: Path, base: str):
+        """The final adapter (or UNet), written to a temporary folder and renamed into place."""
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.handle is not None:
+            from adapters import save_adapter
+
+            save_adapter(self.unet, tmp, name="default", base_model=str(base))
+        else:
+            self.unet.save_pretrained(tmp, safe_serialization=True)
+        replace_dir(tmp, folder)
+        return folder
+
+    def adapter_bytes(self, folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+class EMA:
+    """Exponential moving average of the trained tensors (kept in fp32 beside them)."""
+
+    def __init__(self, params, decay: float):
+        self.decay = float(decay)
+        self.params = list(params)
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        # Warm-up like diffusers' EMAModel: early averages do not drag the initial weights along.
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - decay)
+
+    @torch.no_grad()
+    def swap(self):
+        """Exchange live and averaged weights (call twice to undo)."""
+        for s, p in zip(self.shadow, self.params):
+            live = p.detach().clone()
+            p.copy_(s.to(p.dtype))
+            s.copy_(live.float())
+
+    def state_dict(self):
+        return {"updates": self.updates, "shadow": list(self.shadow)}
+
+    def load_state_dict(self, state):
+        self.updates = int(state["updates"])
+        for s, t in zip(self.shadow, state["shadow"]):
+            s.copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# objectives: what one step optimises
+
+class Objective:
+    """What the loop optimises. prepare() builds data (called once per process, before the method is
+    attached, so the base model is pristine); loss() returns (loss tensor, {name: float}) for micro-batch
+    `micro` of optimiser step `step`, drawing randomness only from run.generator (restored on resume)."""
+    name = "objective"
+
+    def prepare(self, run) -> dict:
+        return {}
+
+    def plan(self):
+        return None  # a studio.data.StepPlan, printed before the run starts
+
+    def loss(self, run, step: int, micro: int):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (the distribution's mode: deterministic, so it can be cached)."""
+    out = vae.encode(pixels.to(vae.device, vae.dtype))
+    latents = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+class SubjectObjective(Objective):
+    """DreamBooth-style: denoise the subject's VAE latents conditioned on their captions (MSE on epsilon or v),
+    optionally plus the same loss on class images generated by the base model (prior preservation)."""
+    name = "subject"
+
+    @torch.no_grad()
+    def prepare(self, run) -> dict:
+        from pipelines.text2image import native_size
+        from studio.data import StepPlan, class_cache_folder, ensure_class_images, load_image, load_subject
+
+        cfg, pipe = run.config, run.pipe
+        if not cfg.images:
+            raise ValueError("name the subject's image folder with --images DIR")
+        size = int(cfg.resolution or native_size(pipe))
+        data = load_subject(cfg.images, size, cfg.prompt)
+        self.size = size
+        pixels = torch.from_numpy(np.stack([e.pixels for e in data.examples]))
+        self.latents = self._encode(run, pixels)
+        self.flipped = self._encode(run, pixels.flip(-1)) if cfg.flip else None
+        captions = sorted({e.caption for e in data.examples})
+        self.caption_index = torch.tensor([captions.index(e.caption) for e in data.examples])
+        self.embeds = self._text(run, captions)
+        self.empty = self._text(run, [""])[0]
+        self.class_latents = None
+        class_report = {}
+        if cfg.prior_preservation:
+            root = cfg.class_cache or (run.folder.path / "class_images")
+            folder = class_cache_folder(root, str(cfg.base), cfg.class_prompt, size)
+            if run.accelerator.is_main_process:
+                run.say(f"class images: {cfg.class_images} for '{cfg.class_prompt}' in {folder}")
+                ensure_class_images(pipe, cfg.class_prompt, cfg.class_images, folder, size, seed=cfg.seed)
+            run.accelerator.wait_for_everyone()
+            paths = [folder / f"class-{i:04d}.png" for i in range(cfg.class_images)]
+            class_pixels = torch.from_numpy(np.stack([load_image(p, size) for p in paths]))
+            self.class_latents = self._encode(run, class_pixels)
+            self.class_embeds = self._text(run, [cfg.class_prompt])[0]
+            class_report = {"class_prompt": cfg.class_prompt, "class_images": cfg.class_images, "class_folder": str(folder)}
+        self._plan = StepPlan(images=len(data.examples), repeats=cfg.repeats, batch_size=cfg.batch_size,
+                              grad_accum=cfg.grad_accum, processes=run.accelerator.num_processes, steps=cfg.steps,
+                              class_images=cfg.class_images if cfg.prior_preservation else 0)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction = self.noise_scheduler.config.prediction_type
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"training supports epsilon and v-prediction models, not {self.prediction!r}")
+        return {**data.report(), **class_report, "size": size, "plan": self._plan.to_dict()}
+
+    def _encode(self, run, pixels, chunk=16):
+        return torch.cat([vae_latents(run.pipe.vae, pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).cpu()
+
+    def _text(self, run, prompts):
+        embeds, _ = run.pipe.encode_prompt(prompts, run.device, 1, False)
+        return embeds.float().cpu()
+
+    def plan(self):
+        return self._plan
+
+    def loss(self, run, step, micro):
+        import torch.nn.functional as F
+
+        from studio.data import example_indices
+
+        cfg, gen = run.config, run.generator
+        batch = cfg.batch_size
+        # Global example counter of this process's slice of this micro-batch: a pure function of the step.
+        start = ((step * cfg.grad_accum + micro) * run.accelerator.num_processes + run.accelerator.process_index) * batch
+        count = len(self.latents)
+        picks = [i % count for i in example_indices(cfg.seed, count * cfg.repeats, start, batch)]
+        latents = self.latents[picks]
+        if self.flipped is not None:
+            flip = torch.rand(batch, generator=gen) < 0.5
+            latents = torch.where(flip[:, None, None, None], self.flipped[picks], latents)
+        embeds = self.embeds[self.caption_index[picks]]
+        if cfg.caption_dropout:
+            drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
+            embeds = torch.where(drop[:, None, None], self.empty.expand_as(embeds), embeds)
+        if self.class_latents is not None:
+            cpicks = example_indices(cfg.seed + 1, len(self.class_latents), start, batch)
+            latents = torch.cat([latents, self.class_latents[cpicks]])
+            embeds = torch.cat([embeds, self.class_embeds.expand(batch, *self.class_embeds.shape)])
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)
+        embeds = embeds.to(run.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = run.unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            clipped = torch.clamp(snr, max=float(cfg.snr_gamma))
+            per_example = per_example * (clipped / (snr + 1 if self.prediction == "v_prediction" else snr))
+        logs = {}
+        if self.class_latents is not None:
+            instance, prior = per_example[:batch].mean(), per_example[batch:].mean()
+            logs = {"instance_loss": instance.item(), "prior_loss": prior.item()}
+            return instance + cfg.prior_loss_weight * prior, logs
+        return per_example.mean(), logs
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+class Run:
+    """What an objective sees: config, accelerator, pipeline, the (prepared) UNet, the noise generator."""
+
+    def __init__(self, config, folder, accelerator, pipe, say):
+        self.config, self.folder, self.accelerator, self.pipe, self.say = config, folder, accelerator, pipe, say
+        self.device = accelerator.device
+        self.unet = pipe.unet
+        self.generator = torch.Generator().manual_seed(int(config.seed) * 7919 + accelerator.process_index)
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process: allow another run in the same process with other settings (tests, the job worker).
+        AcceleratorState._reset_state(True)
+    cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+    precision = config.mixed_precision
+    if precision == "auto":
+        if cpu:
+            precision = "no"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if cpu and precision == "fp16":
+        raise ValueError("fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no")
+    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
+
+
+def make_optimizer(config: TrainConfig, params):
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_schedule(config: TrainConfig, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    name = config.lr_scheduler
+    if name == "constant" and config.warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+
+
+def config_differences(saved: dict, new: dict) -> list:
+    keys = sorted((set(saved) | set(new)) - RESUME_FREE)
+    return [k for k in keys if saved.get(k) != new.get(k)]
+
+
+def _prepare_folder(folder: RunFolder, config: TrainConfig, is_main: bool):
+    """New run: refuse to overwrite another one. Resume: refuse a changed config unless forced."""
+    saved = folder.read_config()
+    if saved is not None and not config.resume:
+        raise ValueError(f"{folder.path} already holds a run: add --resume to continue it, or choose another --out")
+    if saved is not None:
+        changed = config_differences(saved, config.to_dict())
+        if changed and not config.force:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.to_dict().get(k)!r}" for k in changed[:3])
+            raise ValueError(f"the config changed since this run started ({shown}); resume with the saved config "
+                             f"or add --force")
+    if is_main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.clean_leftovers()
+        folder.write_config(config)
+
+
+def _resolve_paths(config: TrainConfig) -> TrainConfig:
+    """Absolute paths in the effective config, so a resume from another directory means the same data."""
+    from dataclasses import replace
+
+    changes = {}
+    for name in ("images", "class_cache"):
+        value = getattr(config, name)
+        if value:
+            changes[name] = str(Path(value).expanduser().resolve())
+    base = str(config.base)
+    if base not in ("embedded", "embedded-dit") and Path(base).expanduser().exists():
+        changes["base"] = str(Path(base).expanduser().resolve())
+    return replace(config, **changes)
+
+
+class _Progress:
+    def __init__(self, enabled, total, start):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+
+    def update(self, loss, lr):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.update(1)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(config, objective: Objective = None, progress=None, stop=None) -> Path:
+    """Run (or resume) one training run; returns the run folder.
+
+    config: TrainConfig or a dict of its keys. objective: default SubjectObjective.
+    progress(event: dict): called with {"type": "plan"|"step"|"samples"|"checkpoint"|"done"|"stopped", ...}.
+    stop(): polled every step; when it returns True the run writes a checkpoint and ends in state "stopped"
+    (resumable with resume=True)."""
+    config = _resolve_paths(TrainConfig.coerce(config))
+    objective = objective or SubjectObjective()
+    folder = RunFolder(config.out)
+    accelerator = make_accelerator(config)
+    is_main = accelerator.is_main_process
+    _prepare_folder(folder, config, is_main)
+    accelerator.wait_for_everyone()
+    bar = _Progress(is_main and not config.quiet, config.steps, 0)
+    say = bar.write if is_main else (lambda text: None)
+    emit = (lambda event: progress(event)) if (progress is not None and is_main) else (lambda event: None)
+    try:
+        return _train(config, objective, folder, accelerator, say, emit, stop, bar)
+    except BaseException as exc:
+        if is_main and not isinstance(exc, KeyboardInterrupt):
+            status = folder.read_status()
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            try:
+                folder.write_status(**{**status, "state": "failed", "error": message})
+            except OSError:
+                pass
+        raise
+    finally:
+        bar.close()
+
+
+def _train(config, objective, folder, accelerator, say, emit, stop, bar):
+    from pipelines import load_pipeline
+
+    is_main = accelerator.is_main_process
+    log_file = JsonlLog(folder.log)
+    pipe = load_pipeline(config.base, device=accelerator.device)
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"training supports UNet (Stable Diffusion-style) pipelines; {type(pipe).__name__} is not supported yet")
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    run = Run(config, folder, accelerator, pipe, say)
+    report = objective.prepare(run)
+    plan = objective.plan()
+    unet = pipe.unet
+    torch.manual_seed(config.seed)  # adapter initialisation does not depend on what prepare() did
+    trainable = Trainable(unet, config)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = make_optimizer(config, trainable.params)
+    schedule = make_schedule(config, optimizer)
+    # The schedule is stepped once per optimiser step by the loop itself (not prepared: accelerate would
+    # step it once per process), so warm-up and decay mean the same on 1 or 8 GPUs.
+    prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
+    run.unet = prepared_unet
+    ema = EMA(trainable.params, config.ema_decay) if config.ema_decay else None
+
+    start, elapsed = 0, 0.0
+    checkpoint = folder.latest_checkpoint() if config.resume else None
+    if config.resume and checkpoint is None and is_main:
+        say("no checkpoint yet: starting from step 0")
+    if checkpoint is not None:
+        start, elapsed = _load_checkpoint(checkpoint, run, trainable, optimizer, schedule, ema, objective, accelerator)
+        say(f"resumed from {checkpoint.name} (step {start} of {config.steps})")
+    if is_main:
+        log_file.truncate_after(start) if start else write_text(folder.log, "")
+        info = {"trainable_params": trainable.num_trainable(), "method": config.method,
+                "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+                "processes": accelerator.num_processes, **report}
+        write_json(folder.path / "data.json", info)
+        if start == 0:
+            for skipped in report.get("skipped", []):
+                log_file.append({"step": 0, "event": "skipped", **skipped})
+        if plan is not None:
+            say(plan.describe())
+        say(f"method {config.method}: {trainable.num_trainable():,} trainable parameters; "
+            f"precision {accelerator.mixed_precision}; device {accelerator.device}")
+        emit({"type": "plan", "text": plan.describe() if plan else "", "start": start, "steps": config.steps, **info})
+        folder.write_status(state="running", step=start, steps=config.steps, pid=os.getpid())
+    accelerator.wait_for_everyone()
+
+    if start == 0:
+        _validate(run, trainable, ema, 0, emit)
+    if bar.bar is not None:
+        bar.bar.n = start
+        bar.bar.refresh()
+
+    step = start
+    run_started = time.time() - elapsed
+    while step < config.steps:
+        if _should_stop(stop, accelerator):
+            _save_checkpoint(run, trainable, optimizer, schedule, ema, objective, step, time.time() - run_started)
+            if is_main:
+                folder.write_status(state="stopped", step=step, steps=config.steps)
+                emit({"type": "stopped", "step": step})
+                say(f"stopped at step {step}; continue with --resume")
+            return folder.path
+        tick = time.time()
+        losses, extra = [], {}
+        for micro in range(config.grad_accum):
+            with accelerator.accumulate(prepared_unet):
+                loss, logs = objective.loss(run, step, micro)
+                regular = trainable.regularization_loss()
+                if regular is not None:
+                    loss = loss + regular
+                accelerator.backward(loss)
+                losses.append(loss.detach().float())
+                for k, v in logs.items():
+                    extra[k] = extra.get(k, 0.0) + v / config.grad_accum
+                if accelerator.sync_gradients:
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable.params, config.max_grad_norm)
+                    skip = trainable.on_step(step, optimizer)
+                    if not skip:
+                        optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+        step += 1
+        loss_value = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), "mean").item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss became {loss_value} at step {step}: lower --lr, or use "
+                                     f"--mixed-precision bf16/no instead of fp16")
+        lr = schedule.get_last_lr()[0]
+        seconds = time.time() - tick
+        if is_main:
+            record = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 4),
+                      "elapsed": round(time.time() - run_started, 3),
+                      "peak_mem_mb": round(peak_memory_mb(accelerator.device), 1), **extra}
+            log_file.append(record)
+            bar.update(loss_value, lr)
+            emit({"type": "step", "steps": config.steps, **record})
+        if step == config.steps or (config.validate_every and step % config.validate_every == 0):
+            _validate(run, trainable, ema, step, emit)
+        if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            _save_checkpoint(run, trainable, optimizer, schedule, ema, objective, step, time.time() - run_started)
+            if is_main:
+                folder.write_status(state="running", step=step, steps=config.steps, pid=os.getpid())
+
+    result = folder.result(config.method)
+    if is_main:
+        if ema is not None:
+            ema.swap()
+        trainable.save_result(result, config.base)
+        if ema is not None:
+            ema.swap()
+        total = time.time() - run_started
+        folder.write_status(state="done", step=step, steps=config.steps, result=str(result), seconds=round(total, 3),
+                            trainable_params=trainable.num_trainable(), result_bytes=trainable.adapter_bytes(result))
+        emit({"type": "done", "step": step, "result": str(result)})
+        say(f"done: {result}")
+    accelerator.wait_for_everyone()
+    return folder.path
+
+
+def _should_stop(stop, accelerator) -> bool:
+    flag = bool(stop()) if (stop is not None and accelerator.is_main_process) else False
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        tensor = broadcast(torch.tensor([int(flag)], device=accelerator.device), from_process=0)
+        flag = bool(tensor.item())
+    return flag
+
+
+@torch.no_grad()
+def _validate(run, trainable, ema, step, emit):
+    """Samples on fixed seeds; global RNG untouched so validation never changes the training result."""
+    config, accelerator = run.config, run.accelerator
+    if not accelerator.is_main_process or not config.validation_seeds:
+        accelerator.wait_for_everyone()
+        return
+    from dataclasses import replace
+
+    from pipelines.text2image import GenerationSettings, generate
+    from studio.images import save_png
+
+    prompts = config.validation_prompts or [config.prompt or ""]
+    if ema is not None:
+        ema.swap()
+    run.pipe.unet.eval()
+    paths = []
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        state = (random.getstate(), np.random.get_state())
+        for p_index, prompt in enumerate(prompts):
+            for seed in config.validation_seeds:
+                settings = GenerationSettings(prompt=prompt, steps=config.validation_steps,
+                                              guidance=config.validation_guidance, seed=int(seed),
+                                              extra={"Model": str(config.base), "Method": config.method, "Step": step})
+                image = generate(run.pipe, settings)[0]
+                path = run.folder.samples / f"step-{step:06d}" / f"p{p_index}-seed{seed}.png"
+                save_png(image, path, replace(settings))
+                paths.append(str(path))
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    run.pipe.unet.train()
+    if ema is not None:
+        ema.swap()
+    JsonlLog(run.folder.log).append({"step": step, "event": "samples", "paths": paths})
+    emit({"type": "samples", "step": step, "paths": paths, "prompts": prompts})
+    accelerator.wait_for_everyone()
+
+
+def _save_checkpoint(run, trainable, optimizer, schedule, ema, objective, step, elapsed):
+    """Write checkpoints/step-N atomically: a temporary folder, then one rename. Old ones rotate out."""
+    from safetensors.torch import save_file
+
+    accelerator, folder, config = run.accelerator, run.folder, run.config
+    final = folder.checkpoint(step)
+    tmp = folder.checkpoints / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_state(tmp, f"rng-{accelerator.process_index}", rng_state(run.generator))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.state_dict().items()},
+                  str(tmp / "weights.safetensors"))
+        save_state(tmp, "optimizer", optimizer.state_dict())
+        extra = {"schedule": schedule.state_dict(), "method": trainable.training_state(),
+                 "objective": objective.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+        if accelerator.scaler is not None:
+            extra["scaler"] = accelerator.scaler.state_dict()
+        save_state(tmp, "extra", extra)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed": elapsed, "processes": accelerator.num_processes,
+                                                   "method": config.method, "time": time.time()}))
+        replace_dir(tmp, final)
+        for old in folder.list_checkpoints()[:-config.keep_checkpoints or None] if config.keep_checkpoints else []:
+            trash = old.with_name(f".trash-{old.name}")
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        JsonlLog(folder.log).append({"step": step, "event": "checkpoint", "path": str(final)})
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path, run, trainable, optimizer, schedule, ema, objective, accelerator):
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    if state.get("method") != run.config.method:
+        raise ValueError(f"checkpoint {path} was made with method {state.get('method')!r}, not {run.config.method!r}")
+    trainable.load_state_dict(load_file(str(path / "weights.safetensors"), device="cpu"))
+    extra = load_state(path, "extra")
+    trainable.load_training_state(extra.get("method") or {})  # before the optimiser: it may reshape what trains
+    optimizer.load_state_dict(load_state(path, "optimizer"))
+    schedule.load_state_dict(extra["schedule"])
+    if ema is not None and extra.get("ema") is not None:
+        ema.load_state_dict(extra["ema"])
+    if accelerator.scaler is not None and extra.get("scaler") is not None:
+        accelerator.scaler.load_state_dict(extra["scaler"])
+    objective.load_state_dict(extra.get("objective") or {})
+    rng_file = path / f"rng-{accelerator.process_index}.json"
+    if rng_file.is_file():
+        set_rng_state(load_state(path, f"rng-{accelerator.process_index}"), run.generator)
+    elif not run.config.force:
+        raise ValueError(f"checkpoint {path.name} was written by {state.get('processes')} process(es); resume with "
+                         f"the same number, or add --force (the random stream then differs)")
+    return int(state["step"]), float(state.get("elapsed", 0.0))
