@@ -25,6 +25,8 @@ _EXPORTS = {
     "family_kwargs": "pipelines.text2image",
     "decode_preview": "pipelines.text2image",
     "make_scheduler": "pipelines.text2image",
+    "DCSolverScheduler": "pipelines.dcsolver",
+    "DCDPMSolverScheduler": "pipelines.dcsolver",
     "one_step": "pipelines.hipa",
     "HiPALossConfig": "pipelines.hipa",
     "hipa_loss": "pipelines.hipa",

@@ -32,7 +32,12 @@ def _dpmpp(config):
 
 
 # User-facing sampler name -> factory taking the pipeline's scheduler config. "default" keeps the model's own.
-SCHEDULERS = {"ddim": _ddim, "euler": _euler, "unipc": _unipc, "dpm++": _dpmpp}
+def _dc_solver(config):
+    from pipelines.dcsolver import dc_solver_from_config
+    return dc_solver_from_config(config)
+
+
+SCHEDULERS = {"ddim": _ddim, "euler": _euler, "unipc": _unipc, "dpm++": _dpmpp, "dc-solver": _dc_solver}
 
 
 def make_scheduler(pipe, name: str):

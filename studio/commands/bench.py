@@ -3,7 +3,9 @@ import sys
 from importlib import import_module
 
 # suite -> module under studio.bench. Adding a suite = one line here plus its module.
-SUITES = {}
+SUITES = {
+    "samplers": "studio.bench.samplers",
+}
 
 
 def add_arguments(p):

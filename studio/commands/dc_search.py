@@ -1,0 +1,55 @@
+"""studio dc-search: fit DC-Solver compensation ratios and the CPR for a model; write them as JSON."""
+
+
+def _numbers(text, kind, name):
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} takes comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise ValueError(f"--{name} needs at least one value")
+    return values
+
+
+def add_arguments(p):
+    p.add_argument("--base", default="embedded", help="embedded, embedded-dit, or a diffusers folder")
+    p.add_argument("--steps", default="5,6,8,10", help="step counts to fit, comma-separated")
+    p.add_argument("--guidance", default="1,2,4", help="guidance scales to fit, comma-separated (1 = no CFG)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples to fit on (as many again are held out)")
+    p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++"], help="the solver DC compensates")
+    p.add_argument("--reference-steps", type=int, default=250,
+                   help="DDIM steps of the reference (its grid always contains every coarse timestep)")
+    p.add_argument("--bounds", default="0,2", help="search interval for each ratio")
+    p.add_argument("--default-guidance", type=float, default=2.0, help="guidance the scheduler assumes when not told")
+    p.add_argument("--seed", type=int, default=0, help="first noise seed (fit: seed.., held out: seed+samples..)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="the JSON file to write (ship it as <model folder>/dc_solver.json)")
+
+
+def run(args):
+    from tqdm import tqdm
+
+    from pipelines import load_pipeline
+    from studio.dcsearch import run_search
+    from studio.files import write_json
+
+    steps = _numbers(args.steps, int, "steps")
+    guidances = _numbers(args.guidance, float, "guidance")
+    bounds = _numbers(args.bounds, float, "bounds")
+    if len(bounds) != 2 or bounds[0] >= bounds[1]:
+        raise ValueError(f"--bounds takes two increasing numbers, got '{args.bounds}'")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    if min(guidances) < 1:
+        raise ValueError("--guidance values must be >= 1 (1 means no classifier-free guidance)")
+    pipe = load_pipeline(args.base, device=args.device)
+    result = run_search(pipe, steps, guidances, samples=args.samples, solver=args.solver,
+                        seed=args.seed, reference_steps=args.reference_steps, bounds=tuple(bounds),
+                        default_guidance=args.default_guidance,
+                        progress_factory=lambda total: tqdm(total=total, desc="dc-search", unit="call"))
+    write_json(args.out, result)
+    for entry in result["table"]:
+        print(f"steps {entry['steps']:>2} cfg {entry['guidance']:g}: ratios {[round(r, 3) for r in entry['ratios']]} "
+              f"held-out MSE {entry['heldout_mse_plain']:.4g} -> {entry['heldout_mse_dc']:.4g}")
+    print(f"CPR max abs error on the table: {result['cpr_max_abs_error']:.3g}; {result['seconds']} s; wrote {args.out}")
+    return 0

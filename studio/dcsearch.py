@@ -1,0 +1,358 @@
+"""DC-Solver ratio search: fit compensation ratios against a fine reference trajectory, then fit the CPR.
+
+The search drives the denoiser and the scheduler directly (no pipeline call), with prompt embeddings
+computed once, so it works for UNet and DiT pipelines alike and on the analytic Gaussian test bed.
+
+Alignment (the bug in the authors' diffusers script we must not repeat): the reference is a fine DDIM
+run over a grid that *contains every coarse timestep*, so the target for the state at t_{i+1} is the
+reference state at exactly t_{i+1}, for every i, and the final target is the reference's final output.
+
+Per step i >= dc_order (greedy, as in the paper): a bounded 1-D Brent search on rho_i minimises the MSE
+between the corrected state at t_{i+1} (predictor, one model call, UniC corrector) and the reference
+there; the last step compares the final output. A derivative-free search needs no UNet backward, which
+is what makes it cheap on a CPU. Ratios are then validated on held-out noise: any step whose ratio
+does not lower the held-out final error falls back to rho = 1.
+"""
+import copy
+import time
+
+import numpy as np
+import torch
+
+from pipelines.dcsolver import CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, scheduler_fingerprint
+
+
+def mse(a, b) -> float:
+    return float(((a.to(torch.float64) - b.to(torch.float64)) ** 2).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling with any diffusers multistep scheduler, driven step by step
+
+
+class Run:
+    """A sampler part-way through a run: scheduler state, current state x, model output at x, step index."""
+
+    def __init__(self, scheduler, denoise, noise):
+        self.scheduler, self.denoise, self.i = scheduler, denoise, 0
+        self.x = noise * scheduler.init_noise_sigma
+        self.out = denoise(scheduler.scale_model_input(self.x, scheduler.timesteps[0]), scheduler.timesteps[0])
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.scheduler.timesteps)
+
+    def advance(self):
+        """One scheduler step, then the model call at the new state (none after the final step)."""
+        timesteps = self.scheduler.timesteps
+        self.x = self.scheduler.step(self.out, timesteps[self.i], self.x).prev_sample
+        self.i += 1
+        if not self.done:
+            t = timesteps[self.i]
+            self.out = self.denoise(self.scheduler.scale_model_input(self.x, t), t)
+        return self
+
+    def settled_state(self):
+        """The state at the current timestep as the solver continues from it: after UniPC's corrector."""
+        if self.done or not isinstance(self.scheduler, DCSolverScheduler):
+            return self.x
+        probe = copy.deepcopy(self.scheduler)
+        probe.step(self.out, self.scheduler.timesteps[self.i], self.x)
+        return probe.last_sample if probe.last_sample is not None else self.x
+
+    def clone(self):
+        twin = copy.copy(self)
+        twin.scheduler = copy.deepcopy(self.scheduler)
+        return twin
+
+    def finish(self):
+        while not self.done:
+            self.advance()
+        return self.x
+
+
+def sample(scheduler, denoise, noise, steps: int, **set_kwargs):
+    """Final output of an N-step run of `scheduler` from `noise` (set_timesteps resets the scheduler)."""
+    scheduler.set_timesteps(steps, **set_kwargs)
+    return Run(scheduler, denoise, noise).finish()
+
+
+# --------------------------------------------------------------------------------------------------
+# the fine reference trajectory
+
+
+def fine_grid(start: int, coarse_timesteps, max_gap: int) -> list:
+    """Descending integer timesteps from `start` to 0 that contain every coarse timestep, gaps <= max_gap."""
+    points = {int(start), 0} | {int(t) for t in coarse_timesteps if int(t) <= start}
+    anchors = sorted(points, reverse=True)
+    grid = [anchors[0]]
+    for a, b in zip(anchors[:-1], anchors[1:]):
+        pieces = max(1, int(np.ceil((a - b) / max_gap)))
+        grid += [int(round(a + (b - a) * k / pieces)) for k in range(1, pieces + 1)]
+    return grid
+
+
+def ddim_reference(denoise, noise, grid, alphas_cumprod, prediction_type: str, final_sigmas_type: str = "zero",
+                   progress=None) -> dict:
+    """Deterministic DDIM (eta 0) over `grid`, recording the state at every grid timestep.
+    Returns {timestep: state, "final": output}; "final" is the clean prediction at t=0 for final_sigmas_type
+    "zero" (what the coarse solvers output) and the t=0 state for "sigma_min"."""
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    x = noise.to(torch.float32)
+    states = {grid[0]: x}
+
+    def split(out, x, t):
+        a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+        out, xx = out.to(torch.float64), x.to(torch.float64)
+        if prediction_type == "v_prediction":
+            x0 = a * xx - s * out
+            return x0, a * out + s * xx
+        if prediction_type == "epsilon":
+            return (xx - s * out) / a, out
+        raise ValueError(f"the reference supports epsilon and v prediction, not '{prediction_type}'")
+
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x0, eps = split(denoise(x, torch.tensor(t)), x, t)
+        x = (abar[t_next].sqrt() * x0 + (1 - abar[t_next]).sqrt() * eps).to(torch.float32)
+        states[t_next] = x
+        if progress is not None:
+            progress(1)
+    if final_sigmas_type == "zero":
+        states["final"] = split(denoise(x, torch.tensor(grid[-1])), x, grid[-1])[0].to(torch.float32)
+    else:
+        states["final"] = x
+    return states
+
+
+def targets_for(scheduler, reference: dict) -> list:
+    """Reference states aligned to the scheduler's grid: [x(t_0), ..., x(t_{N-1}), final]."""
+    return [reference[int(t)] for t in scheduler.timesteps] + [reference["final"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# the search
+
+
+def _brent(loss, bounds, xatol):
+    from scipy.optimize import minimize_scalar
+
+    result = minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": xatol, "maxiter": 40})
+    return float(result.x), float(result.fun)
+
+
+def search_ratios(scheduler, denoise, noise, targets, bounds=(0.0, 2.0), xatol=2e-3, progress=None) -> dict:
+    """Greedy per-step ratios for the N-step grid the scheduler was set to (set_timesteps already called).
+    targets: the aligned reference [x(t_0), ..., x(t_{N-1}), final]. Returns ratios and per-step losses."""
+    steps = len(scheduler.timesteps)
+    scheduler.compensation_ratios = [1.0] * steps
+    run = Run(scheduler, denoise, noise)
+    losses = []
+    while not run.done:
+        i = run.i
+        if i >= scheduler.config.dc_order:
+            def loss(rho, i=i):
+                trial = run.clone()
+                trial.scheduler.compensation_ratios[i] = float(rho)
+                return mse(trial.advance().settled_state(), targets[i + 1])
+
+            rho, best = _brent(loss, bounds, xatol)
+            plain = loss(1.0)
+            if plain <= best:  # bounded Brent can miss; never accept a ratio worse than none
+                rho, best = 1.0, plain
+            scheduler.compensation_ratios[i] = rho
+            losses.append({"step": i, "ratio": rho, "loss": best, "loss_plain": plain})
+            if progress is not None:
+                progress(1)
+        run.advance()
+    return {"ratios": list(scheduler.compensation_ratios), "steps": losses}
+
+
+def final_error(scheduler, denoise, noise, final_target, ratios) -> float:
+    scheduler.set_timesteps(len(ratios))
+    scheduler.compensation_ratios = [float(r) for r in ratios]
+    return mse(Run(scheduler, denoise, noise).finish(), final_target)
+
+
+def validate_ratios(scheduler, denoise, noise, final_target, ratios) -> dict:
+    """Fall back to rho = 1, step by step, wherever that lowers the held-out final error."""
+    ratios = list(ratios)
+    plain = final_error(scheduler, denoise, noise, final_target, [1.0] * len(ratios))
+    best = final_error(scheduler, denoise, noise, final_target, ratios)
+    for i, rho in enumerate(ratios):
+        if rho == 1.0:
+            continue
+        trial = ratios[:i] + [1.0] + ratios[i + 1:]
+        error = final_error(scheduler, denoise, noise, final_target, trial)
+        if error < best:
+            ratios, best = trial, error
+    return {"ratios": ratios, "mse_plain": plain, "mse_dc": best}
+
+
+def fit_cpr(table) -> tuple:
+    """Least-squares CPR coefficients from fitted ratio tables -> (36 coefficients, max abs error on the table)."""
+    rows, values = [], []
+    for entry in table:
+        steps = int(entry["steps"])
+        for i in range(3, steps + 1):
+            rows.append(cpr_features(i, steps, float(entry["guidance"])))
+            values.append(float(entry["ratios"][i - 1]))
+    if not rows:
+        return [0.0] * CPR_TERMS, 0.0
+    a, y = np.asarray(rows, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0  # column scaling keeps lstsq well conditioned; undone below
+    coeffs = np.linalg.lstsq(a / scale, y, rcond=None)[0] / scale
+    return [float(c) for c in coeffs], float(np.abs(a @ coeffs - y).max())
+
+
+# --------------------------------------------------------------------------------------------------
+# pipelines: prompt embeddings once, a guided denoiser closure, seeded noise
+
+
+def pipeline_denoiser(pipe, prompts, guidance: float, negative: str = ""):
+    """denoise(x, t) -> the pipeline's guided model output for these prompts (one per sample)."""
+    cfg = guidance > 1.0
+    device = pipe.device
+    if getattr(pipe, "unet", None) is not None:
+        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, cfg, [negative] * len(prompts))
+        model = pipe.unet
+
+        def call(x, t, emb):
+            return model(x, t, encoder_hidden_states=emb).sample
+        embeds = torch.cat([uncond, cond]) if cfg else cond
+        extra = None
+    elif type(pipe).__name__.startswith("PixArt"):
+        from pipelines.text2image import family_kwargs
+
+        kw = family_kwargs(pipe)
+        pe, pm, npe, npm = pipe.encode_prompt(list(prompts), cfg, negative_prompt=negative, device=device,
+                                              clean_caption=False, max_sequence_length=kw["max_sequence_length"])
+        model = pipe.transformer
+        embeds = torch.cat([npe, pe]) if cfg else pe
+        extra = torch.cat([npm, pm]) if cfg else pm
+
+        def call(x, t, emb):
+            return model(x, encoder_hidden_states=emb, encoder_attention_mask=extra, timestep=t.expand(x.shape[0]),
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    else:
+        raise ValueError(f"the ratio search drives UNet and PixArt-style pipelines, not {type(pipe).__name__}")
+    channels = int(model.config.in_channels)
+
+    @torch.no_grad()
+    def denoise(x, t):
+        t = torch.as_tensor(t, device=device)
+        x_in = torch.cat([x, x]) if cfg else x
+        out = call(x_in.to(device=device, dtype=model.dtype), t, embeds)
+        out = out[:, :channels].to(x.dtype).to(x.device)  # drop a learned-variance half
+        if cfg:
+            uncond_out, cond_out = out.chunk(2)
+            out = uncond_out + guidance * (cond_out - uncond_out)
+        return out
+
+    return denoise
+
+
+def pipeline_noise(pipe, seeds):
+    """The initial latents the pipeline itself would draw for these seeds (one CPU generator per image)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    size = int(model.config.sample_size)
+    shape = (len(seeds), int(model.config.in_channels), size, size)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return randn_tensor(shape, generator=generators, dtype=torch.float32)
+
+
+def default_prompts(count: int):
+    from studio.fashion import PRETRAINED_CLASSES, prompt_for
+
+    return [prompt_for(PRETRAINED_CLASSES[k % len(PRETRAINED_CLASSES)]) for k in range(count)]
+
+
+SOLVERS = {"unipc": DCSolverScheduler, "dpm++": DCDPMSolverScheduler}
+
+
+def make_dc_scheduler(config, solver: str = "unipc", **overrides):
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}': choose {' or '.join(SOLVERS)}")
+    return SOLVERS[solver].from_config(config, **overrides)
+
+
+def reference_plan(scheduler, steps_list, reference_steps, max_gap=None) -> list:
+    """One fine grid per distinct start timestep (spacings like "leading" start lower for fewer steps), each
+    containing every coarse grid that starts there. -> [(fine grid, {steps: coarse grid})]."""
+    grids = {}
+    for steps in steps_list:
+        scheduler.set_timesteps(steps)
+        grids[steps] = [int(t) for t in scheduler.timesteps]
+    plan = []
+    for start in sorted({g[0] for g in grids.values()}, reverse=True):
+        members = {s: g for s, g in grids.items() if g[0] == start}
+        gap = max_gap or max(1, int(np.ceil(start / reference_steps)))
+        plan.append((fine_grid(start, [t for g in members.values() for t in g], gap), members))
+    return plan
+
+
+def references_for(denoise, noise, scheduler, steps_list, reference_steps, progress=None, max_gap=None) -> dict:
+    """Fine DDIM references from `noise`, aligned to each coarse grid. -> {steps: [x(t_0), ..., final]}."""
+    out = {}
+    for grid, members in reference_plan(scheduler, steps_list, reference_steps, max_gap):
+        reference = ddim_reference(denoise, noise, grid, scheduler.alphas_cumprod, scheduler.config.prediction_type,
+                                   scheduler.config.final_sigmas_type, progress)
+        for steps, coarse in members.items():
+            out[steps] = [reference[t] for t in coarse] + [reference["final"]]
+    return out
+
+
+def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "unipc", seed: int = 0,
+               reference_steps: int = 250, bounds=(0.0, 2.0), default_guidance: float = 2.0,
+               prompts=None, progress_factory=None, scheduler_overrides=None) -> dict:
+    """Search ratios for every (steps, guidance), validate on held-out noise, fit the CPR. Returns the JSON dict."""
+    started = time.time()
+    steps_list = sorted({int(s) for s in steps_list})
+    if not steps_list or min(steps_list) < 3:
+        raise ValueError("give step counts of at least 3 (the first two steps are never compensated)")
+    fit_seeds = list(range(seed, seed + samples))
+    val_seeds = list(range(seed + samples, seed + 2 * samples))
+    prompts = list(prompts or default_prompts(samples))
+    prompts = (prompts * samples)[:samples]
+    noise = pipeline_noise(pipe, fit_seeds + val_seeds)
+    scheduler = make_dc_scheduler(pipe.scheduler.config, solver, **(scheduler_overrides or {}))
+    searched = sum(max(0, s - scheduler.config.dc_order) for s in steps_list) * len(guidances)
+    total = sum(len(g) - 1 for g, _ in reference_plan(scheduler, steps_list, reference_steps)) * len(guidances) + searched
+    bar = progress_factory(total) if progress_factory else None
+    tick = bar.update if bar is not None else None
+    table = []
+    for guidance in guidances:
+        denoise = pipeline_denoiser(pipe, prompts + prompts, float(guidance))  # fit and held-out halves
+        references = references_for(denoise, noise, scheduler, steps_list, reference_steps, tick)
+        fit_denoise = pipeline_denoiser(pipe, prompts, float(guidance))
+        for steps in steps_list:
+            targets = references[steps]
+            fit_targets = [t[:samples] for t in targets]
+            scheduler.set_timesteps(steps)
+            found = search_ratios(scheduler, fit_denoise, noise[:samples], fit_targets, bounds, progress=tick)
+            checked = validate_ratios(scheduler, fit_denoise, noise[samples:], targets[-1][samples:], found["ratios"])
+            fit_plain = final_error(scheduler, fit_denoise, noise[:samples], fit_targets[-1], [1.0] * steps)
+            fit_dc = final_error(scheduler, fit_denoise, noise[:samples], fit_targets[-1], checked["ratios"])
+            table.append({"steps": steps, "guidance": float(guidance), "ratios": checked["ratios"],
+                          "searched_ratios": found["ratios"], "fit_mse_plain": fit_plain, "fit_mse_dc": fit_dc,
+                          "heldout_mse_plain": checked["mse_plain"], "heldout_mse_dc": checked["mse_dc"]})
+            if bar is not None:
+                bar.set_postfix_str(f"steps {steps} cfg {guidance:g}: held-out MSE {checked['mse_plain']:.3g} -> "
+                                    f"{checked['mse_dc']:.3g}")
+    if bar is not None:
+        bar.close()
+    coeffs, cpr_error = fit_cpr(table)
+    keep = ("solver_order", "solver_type", "disable_corrector", "lower_order_final", "final_sigmas_type", "dc_order",
+            "algorithm_type", "use_karras_sigmas")
+    return {
+        "method": "dc-solver", "solver": solver, "base": str(getattr(pipe, "source", "")),
+        "scheduler_fingerprint": scheduler_fingerprint(scheduler.config),
+        "solver_config": {k: scheduler.config[k] for k in keep if k in scheduler.config},
+        "fit_seeds": fit_seeds, "heldout_seeds": val_seeds, "prompts": prompts,
+        "reference": {"sampler": "ddim", "steps": reference_steps, "contains_coarse_grid": True},
+        "search": {"kind": "greedy bounded Brent per step", "bounds": list(bounds), "target": "corrected state at t_{i+1}"},
+        "default_guidance": float(default_guidance), "table": table, "cpr_coeffs": coeffs,
+        "cpr_max_abs_error": cpr_error, "seconds": round(time.time() - started, 1),
+    }

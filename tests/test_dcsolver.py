@@ -1,0 +1,227 @@
+"""DC-Solver: equal to diffusers' UniPC at rho = 1, better than it on the analytic Gaussian test bed once
+ratios are fitted, diffusers-native config handling, CPR against the authors' released coefficients."""
+import json
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from pipelines.dcsolver import (DCDPMSolverScheduler, DCSolverScheduler, cpr_ratios, lagrange_compensate,
+                                load_fitted)
+from pipelines.gaussian_testbed import SD_SCHEDULER_CONFIG, gaussian_problem
+from studio.dcsearch import (ddim_reference, final_error, fine_grid, fit_cpr, sample, search_ratios,
+                             validate_ratios)
+
+# The spec's reference setting (sampling.md 0.3): UniPC bh2, order 2, final sigma at t=0, no corrector after step 0.
+SPEC_CONFIG = dict(SD_SCHEDULER_CONFIG, final_sigmas_type="sigma_min", disable_corrector=[0])
+
+# sampling.md 1.5: the authors' SD2.1 CPR coefficients and the ratio vectors they give (CFG 7.5 unless noted).
+SD21_CPR = [1523.67662, -1111.474645, 198.3834962, -1346.089002, 1007.194941, -186.2547577, 168.3973024,
+            -128.0389489, 24.88478975, -8140.644019, 5906.748279, -1035.994112, 6941.413899, -5193.98066,
+            950.3205653, -848.2104675, 650.6903333, -121.2867428, 13309.27038, -9616.670321, 1668.768596,
+            -11037.10779, 8256.666686, -1503.799204, 1293.974044, -999.5629328, 188.2217041, -6747.421822,
+            4853.153053, -835.5116793, 5489.115184, -4096.897218, 743.0953413, -619.5612763, 480.1497147,
+            -90.89633129]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test bed is tiny; threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+def _noise(count, seed=1):
+    return torch.randn(count, 2, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+@pytest.mark.parametrize("steps", [5, 8])
+def test_ratios_one_equal_unipc(prediction_type, guidance, steps):
+    model = gaussian_problem(prediction_type=prediction_type)
+    config = dict(SPEC_CONFIG, prediction_type=prediction_type)
+    noise = _noise(6).float()
+    reference = sample(UniPCMultistepScheduler.from_config(config), model.guided(guidance), noise, steps)
+    ones = sample(DCSolverScheduler.from_config(config, dc_ratios=[1.0] * steps), model.guided(guidance), noise, steps)
+    assert (ones - reference).abs().max() <= 1e-6
+    compensated = sample(DCSolverScheduler.from_config(config, dc_ratios=[1.0, 1.0] + [1.2] * (steps - 2)),
+                         model.guided(guidance), noise, steps)
+    assert (compensated - reference).abs().max() > 1e-4  # the ratios do act
+
+
+def test_dpm_variant_with_ratios_one_equals_dpm_solver_pp():
+    model = gaussian_problem()
+    noise = _noise(6).float()
+    reference = sample(DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG), model.guided(3.0), noise, 6)
+    ones = sample(DCDPMSolverScheduler.from_config(SD_SCHEDULER_CONFIG), model.guided(3.0), noise, 6)
+    assert (ones - reference).abs().max() <= 1e-6
+
+
+def test_lagrange_is_exact_on_quadratics_and_rho_zero_gives_previous():
+    times = [700.0, 500.0, 300.0]
+    quad = [torch.tensor(2.0 + 0.01 * t - 3e-5 * t * t) for t in times]
+    for rho in (0.0, 0.5, 1.0, 1.7):
+        tau = times[1] + rho * (times[2] - times[1])
+        assert lagrange_compensate(quad, times, tau).item() == pytest.approx(2.0 + 0.01 * tau - 3e-5 * tau * tau)
+    assert lagrange_compensate(quad, times, times[1]).item() == pytest.approx(quad[1].item())
+
+
+def test_unipc_error_on_gaussian_testbed_matches_spec():
+    """sampling.md 0.3 measured ~2.1e-2 / 1.5e-2 / 9.0e-3 / 5.7e-3 (NFE 5/6/8/10, 10 samples, depends on the draw)."""
+    model = gaussian_problem()
+    noise = _noise(10)
+    spec = {5: 2.1e-2, 6: 1.5e-2, 8: 9.0e-3, 10: 5.7e-3}
+    errors = {}
+    for steps, expected in spec.items():
+        scheduler = UniPCMultistepScheduler.from_config(SPEC_CONFIG)
+        out = sample(scheduler, model.guided(1.0), noise, steps)
+        exact = model.solve(noise, scheduler.sigmas[0], scheduler.sigmas[-1])
+        errors[steps] = ((out - exact) ** 2).mean().item()
+        assert expected / 1.5 < errors[steps] < expected * 1.5, errors
+    assert errors[5] > errors[6] > errors[8] > errors[10]
+
+
+def test_exact_solution_matches_rk4_and_guided_ode_is_consistent():
+    model = gaussian_problem()
+    x = _noise(4)
+    closed = model.solve(x, 14.6, 0.03)
+    # guidance 1.0000001 takes the RK4 branch; it must agree with the closed form
+    assert (model.solve(x, 14.6, 0.03, guidance=1.0000001) - closed).abs().max() < 1e-5
+    # composing two legs equals one leg (the RK4 reference is path-consistent)
+    two = model.solve(model.solve(x, 14.6, 1.0, 3.0), 1.0, 0.03, 3.0)
+    assert (two - model.solve(x, 14.6, 0.03, 3.0)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("guidance,factor", [(1.0, 5.0), (3.0, 2.0)])
+def test_fitted_ratios_lower_heldout_error_at_5_and_6_steps(guidance, factor):
+    model = gaussian_problem()
+    fit, held = _noise(10, seed=1), _noise(200, seed=2)
+    for steps in (5, 6):
+        scheduler = DCSolverScheduler.from_config(SPEC_CONFIG)
+        scheduler.set_timesteps(steps)
+        denoise = model.guided(guidance)
+        targets = model.trajectory(fit, scheduler.sigmas, guidance)  # exact, at exactly the coarse sigmas
+        found = search_ratios(scheduler, denoise, fit, targets)
+        exact = model.solve(held, scheduler.sigmas[0], scheduler.sigmas[-1], guidance)
+        plain = final_error(scheduler, denoise, held, exact, [1.0] * steps)
+        fitted = final_error(scheduler, denoise, held, exact, found["ratios"])
+        assert found["ratios"][:2] == [1.0, 1.0]
+        assert fitted * factor < plain, (steps, plain, fitted, found["ratios"])
+
+
+def test_validation_falls_back_to_one_where_a_ratio_hurts():
+    model = gaussian_problem()
+    noise = _noise(10)
+    scheduler = DCSolverScheduler.from_config(SPEC_CONFIG)
+    scheduler.set_timesteps(5)
+    exact = model.solve(noise, scheduler.sigmas[0], scheduler.sigmas[-1])
+    checked = validate_ratios(scheduler, model.guided(1.0), noise, exact, [1.0, 1.0, 1.0, 1.0, 5.0])
+    assert checked["ratios"] == [1.0] * 5 and checked["mse_dc"] == pytest.approx(checked["mse_plain"])
+
+
+def test_reference_grid_contains_the_coarse_grid_and_targets_that_timestep():
+    """The alignment bug we must not repeat: the target for t_{i+1} is the reference at exactly t_{i+1}."""
+    model = gaussian_problem()
+    scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(5)
+    coarse = [int(t) for t in scheduler.timesteps]
+    grid = fine_grid(999, coarse, 4)
+    assert set(coarse) <= set(grid) and grid[0] == 999 and grid[-1] == 0
+    assert max(a - b for a, b in zip(grid[:-1], grid[1:])) <= 4
+    noise = _noise(10).float()
+    reference = ddim_reference(model.guided(1.0), noise, fine_grid(999, coarse, 1), scheduler.alphas_cumprod,
+                               "epsilon", "zero")
+    for i, t in enumerate(coarse[1:], start=1):
+        exact = model.solve(noise, scheduler.sigmas[0], scheduler.sigmas[i])
+        off_by_one = model.solve(noise, scheduler.sigmas[0], model.noise_to_signal(t - 1))
+        assert ((reference[t] - exact) ** 2).mean() < 0.25 * ((off_by_one - exact) ** 2).mean()
+    final = model.solve(noise, scheduler.sigmas[0], 0.0)
+    assert ((reference["final"] - final) ** 2).mean() < 1e-4
+
+
+def test_cpr_reproduces_the_released_sd21_vectors():
+    expected = {
+        (5, 7.5): [1, 1, 1.0271, 0.7392, 1.2263],
+        (6, 7.5): [1, 1, 1.0195, 0.9422, 0.7517, 1.2131],
+        (8, 7.5): [1, 1, 0.6941, 1.0444, 1.0103, 0.8509, 0.8255, 1.1931],
+        (10, 7.5): [1, 1, 0.4446, 0.8980, 1.0628, 1.0426, 0.9408, 0.8610, 0.9068, 1.1816],
+        (6, 3.0): [1, 1, 1.0491, 0.9702, 0.8992, 1.3511],
+        (5, 1.5): [1, 1, 0.9098, 1.1564, 1.3079],
+    }
+    for (steps, guidance), ratios in expected.items():
+        assert cpr_ratios(SD21_CPR, steps, guidance) == pytest.approx(ratios, abs=1e-4)
+    scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, cpr_coeffs=SD21_CPR, guidance_scale=7.5)
+    scheduler.set_timesteps(5)
+    assert scheduler.compensation_ratios == pytest.approx(expected[(5, 7.5)], abs=1e-4)
+
+
+def test_cpr_fit_recovers_tables_generated_by_cpr():
+    table = [{"steps": n, "guidance": g, "ratios": cpr_ratios(SD21_CPR, n, g)}
+             for n in (5, 6, 8, 10) for g in (1.5, 3.0, 7.5)]
+    coeffs, error = fit_cpr(table)
+    assert error < 1e-6
+    assert cpr_ratios(coeffs, 7, 5.0) == pytest.approx(cpr_ratios(SD21_CPR, 7, 5.0), abs=1e-3)
+
+
+def test_ratio_sources_in_order_of_precedence():
+    table = [{"steps": 5, "guidance": 2.0, "ratios": [1, 1, 1.1, 1.2, 1.3]}]
+    scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, dc_table=table, cpr_coeffs=SD21_CPR,
+                                              guidance_scale=2.0)
+    scheduler.set_timesteps(5)
+    assert scheduler.compensation_ratios == [1, 1, 1.1, 1.2, 1.3]  # fitted table first
+    scheduler.set_timesteps(6)
+    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 6, 2.0))  # then CPR
+    scheduler.set_timesteps(5, guidance_scale=7.5)
+    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 5, 7.5))
+    explicit = DCSolverScheduler.from_config(scheduler.config, dc_ratios=[1, 1, 0.9, 0.9, 0.9])
+    explicit.set_timesteps(5)
+    assert explicit.compensation_ratios == [1, 1, 0.9, 0.9, 0.9]  # explicit ratios win
+    with pytest.raises(ValueError, match="dc_ratios has 5 values but sampling uses 6 steps"):
+        explicit.set_timesteps(6)
+    plain = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG)
+    plain.set_timesteps(7)
+    assert plain.compensation_ratios == [1.0] * 7
+
+
+def test_from_sd_config_with_unknown_keys_and_round_trip(tmp_path):
+    sd_ddim = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+               "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+               "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "leading",
+               "skip_prk_steps": True, "some_future_key": 3}
+    scheduler = DCSolverScheduler.from_config(sd_ddim, dc_ratios=[1, 1, 1.05, 0.95, 1.1], guidance_scale=4.0)
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.timestep_spacing == "leading"
+    scheduler.set_timesteps(5)  # unknown keys are ignored (diffusers keeps them as hidden config entries)
+    assert len(scheduler.timesteps) == 5 and scheduler.compensation_ratios == [1, 1, 1.05, 0.95, 1.1]
+    scheduler.save_config(tmp_path)
+    again = DCSolverScheduler.from_pretrained(tmp_path)
+    assert again.config.dc_ratios == [1, 1, 1.05, 0.95, 1.1] and again.config.guidance_scale == 4.0
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["dc_order"] == 2
+    assert isinstance(UniPCMultistepScheduler.from_config(again.config), UniPCMultistepScheduler)
+    with pytest.raises(ValueError, match="solver_p"):
+        DCSolverScheduler(solver_p=UniPCMultistepScheduler())
+
+
+def test_set_timesteps_resets_all_state():
+    model = gaussian_problem()
+    noise = _noise(4).float()
+    scheduler = DCSolverScheduler.from_config(SPEC_CONFIG, dc_table=[
+        {"steps": 6, "guidance": 3.0, "ratios": [1, 1, 1.1, 0.9, 1.2, 1.4]}], guidance_scale=3.0)
+    first = sample(scheduler, model.guided(3.0), noise, 6)
+    sample(scheduler, model.guided(3.0), noise * 0.5, 9)  # a different run in between
+    second = sample(scheduler, model.guided(3.0), noise, 6)
+    assert torch.equal(first, second)
+    assert scheduler.step_index == 6 and len(scheduler._dc_history) == 3
+    scheduler.set_timesteps(6)
+    assert scheduler.step_index is None and scheduler._dc_history == [] and scheduler.last_sample is None
+
+
+def test_load_fitted_file(tmp_path):
+    path = tmp_path / "dc_solver.json"
+    path.write_text(json.dumps({"table": [{"steps": 5, "guidance": 2, "ratios": [1, 1, 1.2, 1, 1]}],
+                                "cpr_coeffs": [0.0] * 36, "default_guidance": 2.0}))
+    overrides = load_fitted(path)
+    scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, **overrides)
+    scheduler.set_timesteps(5)
+    assert scheduler.compensation_ratios == [1, 1, 1.2, 1, 1]
