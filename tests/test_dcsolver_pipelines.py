@@ -1,0 +1,82 @@
+"""DC-Solver on real diffusers pipelines (tiny UNet and DiT), the studio's scheduler registry, and dc-search."""
+import json
+
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler
+
+from pipelines.dcsolver import DCSolverScheduler
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _latents(pipe, scheduler, guidance, steps=6):
+    pipe.scheduler = scheduler
+    kwargs = {"use_resolution_binning": False, "clean_caption": False} if "PixArt" in type(pipe).__name__ else {}
+    return pipe("a photo of a bag", num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_pipeline_with_ratios_one_equals_unipc_and_ratios_act(family):
+    from pipelines.tiny import tiny_pixart_pipeline, tiny_sd_pipeline
+
+    pipe = (tiny_sd_pipeline if family == "sd" else tiny_pixart_pipeline)()
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config
+    for guidance in (1.0, 3.0):  # without and with classifier-free guidance
+        unipc = _latents(pipe, UniPCMultistepScheduler.from_config(config), guidance)
+        ones = _latents(pipe, DCSolverScheduler.from_config(config), guidance)
+        assert (ones - unipc).abs().max() <= 1e-6
+    moved = _latents(pipe, DCSolverScheduler.from_config(config, dc_ratios=[1, 1, 1.3, 1.3, 1.3, 1.3]), 3.0)
+    assert torch.isfinite(moved).all() and (moved - unipc).abs().max() > 1e-5
+
+
+def test_scheduler_registry_and_generate(tiny_sd_dir):
+    from pipelines import load_pipeline
+    from pipelines.text2image import SCHEDULERS, GenerationSettings, generate, make_scheduler
+
+    assert "dc-solver" in SCHEDULERS
+    pipe = load_pipeline(str(tiny_sd_dir), device="cpu")
+    assert isinstance(make_scheduler(pipe, "dc-solver"), DCSolverScheduler)
+    images = generate(pipe, GenerationSettings(prompt="a photo of a bag", steps=5, scheduler="dc-solver"))
+    assert len(images) == 1
+
+
+def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tmp_path, capsys):
+    from pipelines import load_pipeline
+    from studio.cli import main
+
+    out = tmp_path / "dc_solver.json"
+    code = main(["dc-search", "--base", str(tiny_pixart_dir), "--steps", "4,5", "--guidance", "1,2", "--samples", "2",
+                 "--reference-steps", "20", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert len(data["table"]) == 4 and len(data["cpr_coeffs"]) == 36
+    for entry in data["table"]:
+        assert len(entry["ratios"]) == entry["steps"] and entry["ratios"][:2] == [1.0, 1.0]
+        assert entry["heldout_mse_dc"] <= entry["heldout_mse_plain"] + 1e-12  # validation never makes it worse
+    assert "held-out MSE" in capsys.readouterr().out
+    # a model folder carrying dc_solver.json gets its ratios through for_pipeline
+    (tiny_pixart_dir / "dc_solver.json").write_text(out.read_text())
+    try:
+        pipe = load_pipeline(str(tiny_pixart_dir), device="cpu")
+        scheduler = DCSolverScheduler.for_pipeline(pipe, guidance_scale=2.0)
+        scheduler.set_timesteps(5)
+        assert scheduler.compensation_ratios == next(e["ratios"] for e in data["table"]
+                                                     if e["steps"] == 5 and e["guidance"] == 2.0)
+    finally:
+        (tiny_pixart_dir / "dc_solver.json").unlink()
+
+
+def test_dc_search_rejects_bad_input_with_one_line(capsys):
+    from studio.cli import main
+
+    assert main(["dc-search", "--steps", "5,x", "--out", "x.json"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps takes comma-separated numbers, got '5,x'"
