@@ -12,6 +12,7 @@ from importlib import import_module
 COMMANDS = {
     "generate": ("studio.commands.generate", "generate images from a prompt"),
     "bench": ("studio.commands.bench", "run a benchmark suite (JSON + table)"),
+    "hipa": ("studio.commands.hipa", "train a HiPA one-step adapter (shared training loop, resumable)"),
     "train": ("studio.commands.train", "fine-tune on a subject with any adapter (resumable)"),
     "jobs": ("studio.commands.jobs", "the training queue: list, submit, cancel, resume, worker"),
     "serve": ("studio.commands.serve", "the studio in the browser (Gradio) on 127.0.0.1"),

@@ -41,7 +41,17 @@ def run_generate(settings, base="embedded", out=None, device=None, dtype=None, a
 
     pipe = pipe or get_pipeline(base, device=device, dtype=dtype, attention=attention)
     settings.extra.setdefault("Model", str(base))
-    images = generate(pipe, settings, preview=preview, preview_every=preview_every, stop=stop)
+    if settings.extra.get("One-step"):  # HiPA: one denoiser call per image with the adapter
+        from pipelines.hipa import drop_adapter, one_step
+
+        settings.validate(pipe)
+        try:
+            images = one_step(pipe, settings.prompt, adapter=settings.extra["One-step"], num_images=settings.num_images,
+                              seed=settings.seed, height=settings.height, width=settings.width)
+        finally:
+            drop_adapter(pipe)  # the cached pipeline stays the plain base
+    else:
+        images = generate(pipe, settings, preview=preview, preview_every=preview_every, stop=stop)
     paths = []
     if out is not None:
         from studio.images import save_png

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from studio.train import Objective
+
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("base", "scheduler", "steps", "guidance", "prompts", "seed", "shard_size", "latent_shape")
 
@@ -136,36 +138,152 @@ class TeacherPairs(torch.utils.data.Dataset):
         return {key: value[i] for key, value in self.pairs.items()}
 
 
-class HiPAObjective:
-    """batch -> (loss, logs) for the shared training loop: ONE student call from the cached noise,
-    decoded with the frozen VAE, against the decoded teacher target (spatial + high-frequency terms).
+# ----------------------------------------------------------------------------------------------------
+# Training: an objective for the shared loop (studio/train.py), and the job-store runner.
 
-    The pipeline's UNet must already carry the trainable adapter; text states are computed once per
-    prompt (the text encoder is frozen), and so are the decoded teacher images per pair."""
+# TrainConfig values HiPA uses unless the user sets them: a small LoRA on the attention projections,
+# previews that ARE one-step samples (1 step, CFG off), and a learning rate for a ~2M-parameter UNet.
+TRAIN_DEFAULTS = {"method": "lora", "rank": 4, "targets": "attn", "steps": 1500, "batch_size": 16, "lr": 1e-3,
+                  "lr_scheduler": "cosine", "warmup_steps": 50, "checkpoint_every": 100, "validate_every": 500,
+                  "validation_steps": 1, "validation_guidance": 1.0, "validation_seeds": [0, 1]}
+# objective_options keys (TrainConfig.objective_options; part of the config a resume must match).
+OPTION_DEFAULTS = {"pairs": 512, "teacher_scheduler": "default", "teacher_steps": 25, "teacher_guidance": None,
+                   "prompts": None, "teacher_cache": None, "pair_seed": 0, "shard_size": 32, "loss": {}}
 
-    def __init__(self, pipe, prompts, loss_config=None, feature_fn=None, timestep=None):
-        from pipelines.hipa import HiPALossConfig, encode_prompts
 
-        self.pipe = pipe
-        self.loss_config = loss_config if isinstance(loss_config, HiPALossConfig) else HiPALossConfig.from_dict(loss_config)
-        self.feature_fn = feature_fn
-        self.timestep = timestep
-        with torch.no_grad():
-            self.prompt_states = encode_prompts(pipe, prompts).float()
-        pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+def hipa_config(settings: dict | None = None) -> dict:
+    """A TrainConfig dict for a HiPA run: HiPA's defaults under the given settings (a dict of TrainConfig
+    keys; HiPA options go in settings["objective_options"])."""
+    settings = dict(settings or {})
+    options = {**OPTION_DEFAULTS, **(settings.pop("objective_options", None) or {})}
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown HiPA option {unknown[0]!r}: choose from {', '.join(OPTION_DEFAULTS)}")
+    from pipelines.hipa import HiPALossConfig
 
-    def __call__(self, batch):
+    options["loss"] = HiPALossConfig.from_dict(_checked_loss(options["loss"])).to_dict()
+    if int(options["pairs"]) < 1:
+        raise ValueError(f"HiPA needs at least 1 teacher pair, got pairs={options['pairs']}")
+    config = {**TRAIN_DEFAULTS, **settings, "objective_options": options}
+    if not config.get("validation_prompts"):
+        config["validation_prompts"] = (options["prompts"] or default_prompts())[:3]
+    return config
+
+
+def _checked_loss(loss: dict) -> dict:
+    from dataclasses import fields
+
+    from pipelines.hipa import HiPALossConfig
+
+    known = {f.name for f in fields(HiPALossConfig)}
+    unknown = sorted(set(loss or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown HiPA loss setting {unknown[0]!r}: choose from {', '.join(sorted(known))}")
+    return dict(loss or {})
+
+
+def evaluator_features(device):
+    """feature_fn for the loss's optional feature term: the studio evaluator's penultimate features of
+    the grey image (decoded images are in [-1, 1])."""
+    from studio.evaluate import load_evaluator
+
+    net = load_evaluator().model.to(device).requires_grad_(False)
+
+    def features(images):
+        grey = ((images.float() + 1) / 2).clamp(0, 1).mean(1, keepdim=True)
+        if grey.shape[-1] != 32:
+            grey = torch.nn.functional.interpolate(grey, size=(32, 32), mode="bilinear", antialias=True)
+        return net.features(grey)
+    return features
+
+
+class HiPAObjective(Objective):
+    """One-step distillation in the shared loop: ONE student call from the cached noise, decoded by the
+    frozen VAE, against the decoded teacher image (spatial + high-frequency terms, pipelines.hipa_loss).
+
+    prepare() runs before the adapter is attached, so the teacher is the pristine base model; it builds
+    (or resumes) the teacher cache, then keeps text states per prompt and decoded teacher images in
+    memory. The batch of a step is a pure function of (seed, step), so the loop's resume is exact."""
+    name = "hipa"
+
+    @torch.no_grad()
+    def prepare(self, run) -> dict:
+        from pipelines.hipa import HiPALossConfig, decode_latents, encode_prompts
+        from studio.evaluate import default_sampling
+
+        cfg, pipe = run.config, run.pipe
+        options = {**OPTION_DEFAULTS, **(cfg.objective_options or {})}
+        self.loss_config = HiPALossConfig.from_dict(_checked_loss(options["loss"]))
+        prompts = list(options["prompts"] or default_prompts())
+        guidance = options["teacher_guidance"]
+        if guidance is None:
+            guidance = float(default_sampling(cfg.base).get("guidance", 2.0))
+        folder = Path(options["teacher_cache"] or (run.folder.path / "teacher"))
+        if run.accelerator.is_main_process:
+            run.say(f"teacher: {options['teacher_steps']} steps ({options['teacher_scheduler']}), guidance {guidance}, "
+                    f"{options['pairs']} pairs in {folder}")
+            build_teacher_cache(pipe, folder, int(options["pairs"]), prompts=prompts,
+                                scheduler=options["teacher_scheduler"], steps=int(options["teacher_steps"]),
+                                guidance=float(guidance), seed=int(options["pair_seed"]),
+                                shard_size=int(options["shard_size"]), base=str(cfg.base), progress=not cfg.quiet)
+        run.accelerator.wait_for_everyone()
+        manifest, pairs = load_teacher_cache(folder)
+        if len(pairs["noise"]) < int(options["pairs"]):
+            raise ValueError(f"the teacher cache {folder} holds {len(pairs['noise'])} of {options['pairs']} pairs")
+        self.noise = pairs["noise"][: int(options["pairs"])]
+        self.targets = pairs["target"][: int(options["pairs"])]
+        self.prompt_index = pairs["prompt_index"][: int(options["pairs"])]
+        self.states = encode_prompts(pipe, manifest["prompts"], run.device).float().cpu()
+        self.teacher_images = torch.cat([decode_latents(pipe.vae, self.targets[i:i + 64].to(run.device)).float().cpu()
+                                         for i in range(0, len(self.targets), 64)])
+        self.scheduler = pipe.scheduler
+        self.feature_fn = evaluator_features(run.device) if self.loss_config.feature_weight else None
+        unet_params = sum(p.numel() for p in pipe.unet.parameters())
+        return {"objective": "hipa", "teacher_cache": str(folder), "teacher_pairs": int(len(self.noise)),
+                "teacher": {k: manifest[k] for k in ("scheduler", "steps", "guidance")}, "prompts": manifest["prompts"],
+                "loss": self.loss_config.to_dict(), "unet_params": unet_params}
+
+    def loss(self, run, step, micro):
         from pipelines.hipa import decode_latents, hipa_loss, student_x0
+        from studio.data import example_indices
 
-        device = self.pipe.device
-        noise = batch["noise"].to(device)
-        target = batch["target"].to(device)
-        states = self.prompt_states[batch["prompt_index"].to(self.prompt_states.device)].to(device, self.pipe.unet.dtype)
-        latents = student_x0(self.pipe.unet, self.pipe.scheduler, noise.to(self.pipe.unet.dtype), states, self.timestep)
-        images = decode_latents(self.pipe.vae, latents)
-        with torch.no_grad():
-            teacher_images = decode_latents(self.pipe.vae, target)
-        loss, logs = hipa_loss(images.float(), teacher_images.float(), self.loss_config, latents, target,
-                               feature_fn=self.feature_fn)
-        return loss, logs
+        cfg, device = run.config, run.device
+        batch = cfg.batch_size
+        start = ((step * cfg.grad_accum + micro) * run.accelerator.num_processes + run.accelerator.process_index) * batch
+        picks = example_indices(cfg.seed, len(self.noise), start, batch)
+        dtype = run.pipe.unet.dtype
+        states = self.states[self.prompt_index[picks]].to(device, dtype)
+        latents = student_x0(run.unet, self.scheduler, self.noise[picks].to(device, dtype), states)
+        images = decode_latents(run.pipe.vae, latents)
+        return hipa_loss(images.float(), self.teacher_images[picks].to(device), self.loss_config, latents,
+                         self.targets[picks].to(device), feature_fn=self.feature_fn)
+
+
+def train_hipa(config, progress=None, stop=None):
+    """Run (or resume) a HiPA training run in the shared loop; returns the run folder. The job store's
+    runner for kind "hipa". The adapter lands in RUN_DIR/adapter with a hipa.json beside it."""
+    from studio.files import write_json
+    from studio.train import run_status, train
+
+    config = hipa_config(config.to_dict() if hasattr(config, "to_dict") else config)
+    run_dir = Path(train(config, objective=HiPAObjective(), progress=progress, stop=stop))
+    status = run_status(run_dir)
+    if status.get("state") == "done":
+        data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+        write_json(Path(status["result"]) / "hipa.json", {
+            "one_step_timestep": "terminal (num_train_timesteps - 1)", "guidance_baked_in": data.get("teacher", {}).get("guidance"),
+            "teacher": data.get("teacher"), "teacher_pairs": data.get("teacher_pairs"), "prompts": data.get("prompts"),
+            "loss": data.get("loss"), "steps": config["steps"], "base": str(config.get("base", "embedded")),
+            "trainable_params": status.get("trainable_params"), "unet_params": data.get("unet_params"),
+            "usage": "pipelines.one_step(pipe, prompt, adapter=FOLDER) or studio generate --one-step FOLDER"})
+    return run_dir
+
+
+def adapter_summary(adapter, unet_params: int) -> dict:
+    """Trainable parameters of an adapter folder against the (plain) UNet's parameter count."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), framework="pt") as handle:
+        params = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    return {"adapter_params": int(params), "unet_params": int(unet_params),
+            "trainable_share_of_unet": params / max(int(unet_params), 1)}

@@ -127,12 +127,18 @@ def test_teacher_cache_resumes(tiny_pipe, tmp_path):
         build_teacher_cache(tiny_pipe, tmp_path, count=3, prompts=["a", "b"], steps=3, shard_size=2, progress=False)
 
 
-def _pairs(pipe, count=4, steps=3):
-    prompts = ["a photo of a bag", "a photo of a coat"]
-    noise = hipa.seeded_noise(pipe, count, seed=0)
-    index = torch.arange(count) % len(prompts)
-    target = hipa.teacher_x0(pipe, [prompts[i] for i in index.tolist()], noise, steps=steps, guidance=3.0)
-    return prompts, {"noise": noise, "target": target, "prompt_index": index}
+def _fake_run(pipe, folder, **config):
+    """What HiPAObjective sees of the loop (studio.train.Run), for a step driven by hand."""
+    from types import SimpleNamespace
+
+    from studio.hipa import hipa_config
+    from studio.train import TrainConfig
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0,
+                                  wait_for_everyone=lambda: None)
+    cfg = TrainConfig.from_dict(hipa_config({"out": str(folder), "quiet": True, **config}))
+    return SimpleNamespace(config=cfg, pipe=pipe, unet=pipe.unet, device=pipe.device, accelerator=accelerator,
+                           folder=SimpleNamespace(path=folder), say=lambda text: None)
 
 
 def test_one_training_step_lowers_the_loss_and_the_adapter_is_ordinary(tmp_path):
@@ -143,30 +149,55 @@ def test_one_training_step_lowers_the_loss_and_the_adapter_is_ordinary(tmp_path)
 
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    prompts, batch = _pairs(pipe)
-    before_images = hipa.one_step(pipe, prompts[0], num_images=2, seed=3, output_type="latent")
+    prompt = "a photo of a bag"
+    before = hipa.one_step(pipe, prompt, num_images=2, seed=3, output_type="latent")
+    run = _fake_run(pipe, tmp_path, batch_size=4, objective_options={
+        "pairs": 4, "teacher_steps": 3, "teacher_guidance": 3.0, "prompts": [prompt, "a photo of a coat"]})
+    objective = HiPAObjective()
+    report = objective.prepare(run)
+    assert report["teacher_pairs"] == 4 and (tmp_path / "teacher" / "manifest.json").is_file()
     pipe.unet.requires_grad_(False)
     handle = attach(pipe.unet, AdapterConfig(method="lora", rank=4, targets="attn"), name=hipa.ADAPTER_NAME)
-    objective = HiPAObjective(pipe, prompts)
     optimizer = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-3)
-    first, logs = objective(batch)
+    first, logs = objective.loss(run, 0, 0)  # batch size 4 = all four pairs, in some order
     assert set(logs) >= {"spatial", "fft", "edge", "latent"}
     first.backward()
     optimizer.step()
-    optimizer.zero_grad()
     with torch.no_grad():
-        second, _ = objective(batch)
+        second, _ = objective.loss(run, 0, 0)  # the same batch: a step is a pure function of (seed, step)
     assert second.item() < first.item()
 
     save_adapter(pipe.unet, tmp_path / "hipa", name=hipa.ADAPTER_NAME)
-    with torch.no_grad():
-        trained = hipa.one_step(pipe, prompts[0], num_images=2, seed=3, output_type="latent")
+    trained = hipa.one_step(pipe, prompt, num_images=2, seed=3, output_type="latent")
     # a fresh pipeline: plain 1-step equals the untrained one; with the saved folder it equals the trained one
     fresh = tiny_sd_pipeline()
     fresh.set_progress_bar_config(disable=True)
-    plain = hipa.one_step(fresh, prompts[0], num_images=2, seed=3, output_type="latent")
-    assert torch.allclose(plain, before_images, atol=1e-6)
-    loaded = hipa.one_step(fresh, prompts[0], adapter=tmp_path / "hipa", num_images=2, seed=3, output_type="latent")
+    plain = hipa.one_step(fresh, prompt, num_images=2, seed=3, output_type="latent")
+    assert torch.allclose(plain, before, atol=1e-6)
+    loaded = hipa.one_step(fresh, prompt, adapter=tmp_path / "hipa", num_images=2, seed=3, output_type="latent")
     assert torch.allclose(loaded, trained, atol=1e-5) and not torch.allclose(loaded, plain, atol=1e-4)
     hipa.drop_adapter(fresh)
-    assert torch.allclose(hipa.one_step(fresh, prompts[0], num_images=2, seed=3, output_type="latent"), plain, atol=1e-6)
+    assert torch.allclose(hipa.one_step(fresh, prompt, num_images=2, seed=3, output_type="latent"), plain, atol=1e-6)
+
+
+def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
+    import json
+
+    from studio.hipa import train_hipa
+    from studio.train import read_log, run_status
+
+    settings = {"base": str(tiny_sd_dir), "out": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "quiet": True,
+                "validation_seeds": [], "checkpoint_every": 1, "rank": 2,
+                "objective_options": {"pairs": 2, "teacher_steps": 2, "prompts": ["a photo of a bag"]}}
+    calls = []
+    train_hipa(settings, stop=lambda: len(calls) >= 1, progress=lambda e: calls.append(e) if e["type"] == "step" else None)
+    assert run_status(tmp_path / "run")["state"] == "stopped"
+    run_dir = train_hipa({**settings, "resume": True})
+    status = run_status(run_dir)
+    assert status["state"] == "done" and status["step"] == 2
+    steps = [r["step"] for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2] and all("fft" in r for r in read_log(run_dir / "log.jsonl") if "loss" in r)
+    info = json.loads((run_dir / "adapter" / "hipa.json").read_text())
+    assert info["teacher"]["steps"] == 2 and info["teacher_pairs"] == 2
+    assert len(hipa.one_step(__import__("pipelines").load_pipeline(str(tiny_sd_dir), device="cpu"), "a photo of a bag",
+                             adapter=run_dir / "adapter")) == 1

@@ -4,6 +4,7 @@ from importlib import import_module
 
 # suite -> module under studio.bench. Adding a suite = one line here plus its module.
 SUITES = {
+    "onestep": "studio.bench.onestep",
     "samplers": "studio.bench.samplers",
 }
 

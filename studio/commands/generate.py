@@ -16,6 +16,7 @@ def add_arguments(p):
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
     p.add_argument("--attention", default="auto", choices=["auto", "xformers", "sdpa"])
     p.add_argument("--out", required=True, help="a .png file, or a folder for numbered files")
+    p.add_argument("--one-step", default=None, metavar="ADAPTER_DIR", help="HiPA: one model call per image with this adapter")
 
 
 def run(args):
@@ -27,6 +28,9 @@ def run(args):
     settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                   guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                   num_images=args.num_images, scheduler=args.scheduler)
+    if args.one_step:
+        settings.extra["One-step"] = args.one_step
+        settings.steps, settings.guidance = 1, 1.0  # what actually runs: one call, CFG baked into the adapter
     settings.validate()
     bars = []  # created at the first step, so loading time does not distort the rate
 

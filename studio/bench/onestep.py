@@ -1,0 +1,184 @@
+"""One-step generation: HiPA at 1 step against the 25-step teacher, plain 1-step and DC-Solver at 5 steps.
+
+Per method: prompt accuracy and Fréchet distance from the studio's evaluator (stand-ins for CLIP score
+and FID), the FD to the teacher's own images, high-frequency energy relative to the teacher, wall time
+per image and model calls per image. Evaluation seeds start at 10,000 so they never overlap the seeds
+of the teacher pairs HiPA was trained on.
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+EVAL_SEED = 10_000
+DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "assets" / "hipa"
+
+
+def add_arguments(p):
+    p.add_argument("--base", default="embedded", help="the model (embedded, or a diffusers folder)")
+    p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="the HiPA adapter folder")
+    p.add_argument("--per-class", type=int, default=20, help="images per prompt class")
+    p.add_argument("--teacher-steps", type=int, default=25)
+    p.add_argument("--dc-steps", type=int, default=5)
+    p.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: the model's own)")
+    p.add_argument("--cutoff", type=float, default=0.125, help="high-pass cutoff, cycles per pixel")
+    p.add_argument("--grid", default=None, help="also write a picture grid PNG here (rows: methods, columns: classes)")
+    p.add_argument("--device", default="cpu")
+
+
+def model_defaults(pipe) -> dict:
+    """Sampling defaults the model folder records (studio.json), else the studio's."""
+    folder = Path(getattr(pipe, "source", "") or "")
+    from pipelines.loading import EMBEDDED_SOURCES
+
+    folder = EMBEDDED_SOURCES.get(str(folder), folder)
+    info = {}
+    if (folder / "studio.json").is_file():
+        info = json.loads((folder / "studio.json").read_text())
+    return {"guidance": float(info.get("guidance", 2.0)), "scheduler": info.get("scheduler", "default")}
+
+
+class CallCounter:
+    """Counts denoiser forward calls (each call may carry several images)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def _methods(args, defaults):
+    from pipelines.text2image import SCHEDULERS
+
+    teacher = {"name": f"teacher ({defaults['scheduler']}, {args.teacher_steps} steps)", "kind": "multi",
+               "scheduler": defaults["scheduler"], "steps": args.teacher_steps}
+    rows = [teacher]
+    if "dc-solver" in SCHEDULERS:
+        rows.append({"name": f"DC-Solver ({args.dc_steps} steps)", "kind": "multi", "scheduler": "dc-solver",
+                     "steps": args.dc_steps})
+    rows.append({"name": "plain base (1 step)", "kind": "one", "adapter": None})
+    rows.append({"name": "HiPA (1 step)", "kind": "one", "adapter": args.adapter})
+    return rows
+
+
+def _generate(pipe, method, prompt, count, seed, guidance):
+    from pipelines.hipa import drop_adapter, one_step
+    from pipelines.text2image import GenerationSettings, generate
+
+    if method["kind"] == "one":
+        if method["adapter"] is None:
+            drop_adapter(pipe)
+        return one_step(pipe, prompt, adapter=method["adapter"], num_images=count, seed=seed)
+    drop_adapter(pipe)
+    settings = GenerationSettings(prompt=prompt, steps=method["steps"], guidance=guidance, seed=seed,
+                                  num_images=count, scheduler=method["scheduler"])
+    return generate(pipe, settings)
+
+
+def run(args):
+    from pipelines import load_pipeline
+    from pipelines.hipa import denoiser, hf_energy
+    from studio.evaluate import load_evaluator
+    from studio.fashion import PRETRAINED_CLASSES, prompt_for
+    from studio.hipa import adapter_summary
+
+    if args.per_class < 2:
+        raise ValueError(f"--per-class must be at least 2 (FD needs several images), got {args.per_class}")
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no HiPA adapter at {args.adapter}: train one with `studio hipa train`")
+    torch.manual_seed(0)
+    pipe = load_pipeline(args.base, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    evaluator = load_evaluator()
+    defaults = model_defaults(pipe)
+    guidance = defaults["guidance"] if args.guidance is None else float(args.guidance)
+    to_tensor = _pil_to_tensor
+    results, grids, teacher_images, teacher_energy = [], [], None, None
+    for method in _methods(args, defaults):
+        counter = CallCounter(denoiser(pipe))
+        images_by_class, seconds = {}, 0.0
+        for k, name in enumerate(PRETRAINED_CLASSES):
+            start = time.perf_counter()
+            images_by_class[name] = _generate(pipe, method, prompt_for(name), args.per_class,
+                                              EVAL_SEED + 1000 * k, guidance)
+            seconds += time.perf_counter() - start
+        counter.close()
+        everything = [img for images in images_by_class.values() for img in images]
+        pixels = torch.stack([to_tensor(img) for img in everything])
+        energy = float(hf_energy(pixels, args.cutoff).mean())
+        if teacher_images is None:
+            teacher_images, teacher_energy = everything, energy
+        accuracy = sum(float(evaluator.prompt_accuracy(images_by_class[c], c)) for c in PRETRAINED_CLASSES)
+        row = {"method": method["name"],
+               "prompt_accuracy": accuracy / len(PRETRAINED_CLASSES),
+               "fd": float(evaluator.fd(everything)),
+               "fd_to_teacher": float(evaluator.fd(everything, reference=teacher_images)) if _fd_takes_reference(evaluator) else None,
+               "hf_energy_vs_teacher": energy / max(teacher_energy, 1e-12),
+               "ms_per_image": 1000 * seconds / len(everything),
+               "model_calls_per_image": counter.calls / len(PRETRAINED_CLASSES)}
+        results.append(row)
+        grids.append([images_by_class[c][0] for c in PRETRAINED_CLASSES])
+        print(f"{row['method']}: accuracy {row['prompt_accuracy']:.3f}, FD {row['fd']:.3g}", flush=True)
+    teacher = results[0]
+    hipa_row = results[-1]
+    plain = results[-2]
+    summary = {
+        "hipa_accuracy_share_of_teacher": hipa_row["prompt_accuracy"] / max(teacher["prompt_accuracy"], 1e-12),
+        "hipa_fd_gap_to_teacher": abs(hipa_row["fd"] - teacher["fd"]),
+        "plain_fd_gap_to_teacher": abs(plain["fd"] - teacher["fd"]),
+        **adapter_summary(args.adapter, denoiser(pipe)),
+    }
+    summary["goal_met"] = bool(summary["hipa_accuracy_share_of_teacher"] >= 0.9
+                               and summary["hipa_fd_gap_to_teacher"] < summary["plain_fd_gap_to_teacher"]
+                               and summary["trainable_share_of_unet"] < 0.05)
+    if args.grid:
+        write_grid(args.grid, grids, [r["method"] for r in results], PRETRAINED_CLASSES)
+    from pipelines.hipa import drop_adapter
+
+    drop_adapter(pipe)
+    return {"rows": results, "summary": summary, "per_class": args.per_class, "guidance": guidance,
+            "eval_seed": EVAL_SEED, "base": args.base, "adapter": str(args.adapter), "cutoff": args.cutoff,
+            "columns": ["method", "prompt_accuracy", "fd", "fd_to_teacher", "hf_energy_vs_teacher", "ms_per_image",
+                        "model_calls_per_image"]}
+
+
+def _fd_takes_reference(evaluator) -> bool:
+    import inspect
+
+    try:
+        return "reference" in inspect.signature(evaluator.fd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _pil_to_tensor(image):
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def write_grid(path, rows, row_names, column_names, scale=3):
+    """A picture grid: one row per method, one column per class, labels on the left and on top."""
+    from PIL import Image, ImageDraw
+
+    from studio.files import atomic_path
+
+    cell = rows[0][0].width * scale
+    left, top = 150, 16
+    grid = Image.new("RGB", (left + cell * len(column_names), top + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(column_names):
+        draw.text((left + c * cell + 2, 2), name, fill="black")
+    for r, (name, images) in enumerate(zip(row_names, rows)):
+        draw.text((4, top + r * cell + cell // 2 - 6), name, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
