@@ -4,8 +4,10 @@ from importlib import import_module
 
 # suite -> module under studio.bench. Adding a suite = one line here plus its module.
 SUITES = {
-    "onestep": "studio.bench.onestep",
+    "gpu": "studio.bench.gpu",
+    "hires": "studio.bench.hires",
     "samplers": "studio.bench.samplers",
+    "onestep": "studio.bench.onestep",
 }
 
 

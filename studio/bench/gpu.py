@@ -1,0 +1,221 @@
+"""gpu: SD1.5-shaped UNet training steps per adapter vs PEFT LoRA vs full fine-tuning; sampling with xformers vs SDPA.
+
+On CUDA: the UNet from SD1.5's published config (random init unless --base names a local folder), 64x64
+latents (512x512 images), bf16 base weights with fp32 adapter parameters, batch 1 and 4. On a CPU it runs a
+small UNet of the same block layout in fp32 so the suite itself stays testable.
+"""
+import statistics
+import time
+
+import torch
+
+# SD1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), the fields that shape compute.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SMALL_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, attention_head_dim=4,
+                  sample_size=16, norm_num_groups=16)
+ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TOKENS = 77
+
+
+def add_arguments(p):
+    p.add_argument("--methods", default="lora,dora,loldu,flora,sara,tlora",
+                   help="our adapter methods to time (peft-lora and full are always added)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per row (after 3 warm-up steps)")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--base", default=None, help="a local diffusers folder whose UNet to use instead of random init")
+    p.add_argument("--small", action="store_true", help="use the small UNet even on CUDA (for testing)")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _build_unet(args, device, dtype):
+    from diffusers import UNet2DConditionModel
+
+    if args.base:
+        unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet")
+    else:
+        config = SD15_UNET if device.type == "cuda" and not args.small else SMALL_UNET
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**config)
+    return unet.to(device=device, dtype=dtype)
+
+
+def _prepare(unet, variant, rank):
+    """Freeze the base, add the variant's trainable parameters (kept in fp32), return them."""
+    unet.requires_grad_(False)
+    if variant == "full":
+        unet.requires_grad_(True)
+        return [p for p in unet.parameters()]
+    if variant == "peft-lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ATTN_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        return params
+    from adapters import AdapterConfig, attach
+
+    targets = "all" if variant == "sara" else "attn"
+    handle = attach(unet, AdapterConfig(method=variant, rank=rank, targets=targets), name="bench")
+    params = list(handle.trainable_parameters())
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def _flops_per_step(unet, inputs):
+    """FLOPs of one forward+backward, counted by torch's FlopCounterMode (matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = unet(*inputs).sample
+        out.float().pow(2).mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _train_row(args, variant, batch, device, dtype):
+    unet = _build_unet(args, device, dtype)
+    params = _prepare(unet, variant, args.rank)
+    unet.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    size = unet.config.sample_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    latents = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
+    text = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=gen).to(device, dtype)
+    timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    target = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
+
+    def step():
+        pred = unet(latents, timesteps, text).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    flops = _flops_per_step(unet, (latents, timesteps, text))
+    seconds = statistics.median(times)
+    row = {"variant": variant, "batch": batch, "trainable_params": sum(p.numel() for p in params),
+           "step_ms": 1000 * seconds, "peak_mem_mib": peak, "tflops": flops / seconds / 1e12}
+    del unet, optimizer, params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _sampling_row(args, attention, device, dtype, batch=4):
+    """Images/s for `batch` images at --sample-steps DDIM steps with CFG (2 UNet rows per image) plus VAE decode."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    unet = _build_unet(args, device, dtype).eval()
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    vae_config = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    if device.type != "cuda" or args.small:
+        vae_config.update(block_out_channels=(16, 32, 32, 32), norm_num_groups=16)
+    vae = AutoencoderKL(**vae_config).to(device, dtype).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    size = unet.config.sample_size
+    text = torch.randn(2 * batch, TEXT_TOKENS, unet.config.cross_attention_dim).to(device, dtype)
+
+    @torch.no_grad()
+    def sample():
+        scheduler.set_timesteps(args.sample_steps, device=device)
+        latents = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+        for t in scheduler.timesteps:
+            eps = unet(torch.cat([latents] * 2), t, text).sample
+            uncond, cond = eps.chunk(2)
+            latents = scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
+        return vae.decode(latents / 0.18215).sample
+
+    sample()
+    _sync(device)
+    start = time.perf_counter()
+    runs = 2
+    for _ in range(runs):
+        sample()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / runs
+    return {"variant": f"sampling-{attention}", "batch": batch, "images_per_s": batch / seconds,
+            "seconds_per_batch": seconds}
+
+
+def _bf16_peak_tflops(device):
+    """Measured bf16 matmul peak (8192^3, median of 10 after warm-up): the denominator for utilisation."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def run(args):
+    from pipelines.loading import quiet_libraries
+
+    quiet_libraries()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = [m for m in args.methods.split(",") if m] + ["peft-lora", "full"]
+    rows = []
+    for batch in batches:
+        for variant in variants:
+            try:
+                rows.append(_train_row(args, variant, batch, device, dtype))
+            except torch.OutOfMemoryError:
+                rows.append({"variant": variant, "batch": batch, "note": "out of memory"})
+                torch.cuda.empty_cache()
+    attentions = ["sdpa"]
+    try:
+        import xformers.ops  # noqa: F401
+
+        if device.type == "cuda":
+            attentions.append("xformers")
+    except ImportError:
+        pass
+    for attention in attentions:
+        rows.append(_sampling_row(args, attention, device, dtype))
+    peak = _bf16_peak_tflops(device)
+    for row in rows:
+        if "tflops" in row and peak == peak:
+            row["util_of_bf16_peak"] = row["tflops"] / peak
+    unet_kind = "SD1.5 config" if device.type == "cuda" and not args.small else "small UNet (SD1.5 block layout)"
+    return {"rows": rows, "bf16_peak_tflops": peak, "unet": args.base or unet_kind, "dtype": str(dtype),
+            "resolution": "64x64 latents (512x512)" if unet_kind == "SD1.5 config" else "16x16 latents",
+            "columns": ["variant", "batch", "trainable_params", "step_ms", "peak_mem_mib", "tflops",
+                        "util_of_bf16_peak", "images_per_s", "note"]}
