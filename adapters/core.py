@@ -39,6 +39,10 @@ adapted site (a layer, or a parameter tensor) and owns everything else. The subc
                              to another base model and loading fails.
   layer_info(self) -> dict   (optional) per-site JSON kept in adapter_config.json.
   count(cls, base, cfg) -> int   (optional classmethod) the spec's trainable-count formula.
+  prepare_targets(cls, cfg, tensors) -> tensors   (optional classmethod, parameter kind) sees every
+                             targeted tensor {path: tensor} before any layer is built, for a choice
+                             over all of them (SaRA: one global θ for a target fraction, recorded
+                             in cfg.options); may drop paths. Not called when loading a saved file.
 
 Helpers for methods: self.scale (alpha/rank, or alpha/sqrt(rank) with rslora), self.rank,
 self.dropout (nn.Dropout or nn.Identity), layer_shape(base), conv_args(base), base_op(base, x, w).
@@ -343,7 +347,7 @@ def resolve_targets(model, cfg: AdapterConfig, exact: list[str] | None = None) -
                     isinstance(module, (nn.Linear, nn.Conv2d)):
                 raise ValueError(f"target {path!r} is {why}: exclude it from targets")
         else:
-            names = list(module._parameters)
+            names = [n for n, t in module._parameters.items() if t is not None]  # e.g. bias=None
             if parametrize.is_parametrized(module):
                 names += list(module.parametrizations.keys())
             for pname in names:
@@ -370,14 +374,14 @@ def resolve_targets(model, cfg: AdapterConfig, exact: list[str] | None = None) -
 def build_layers(model, cfg: AdapterConfig, exact=None) -> dict:
     """Build one method layer per target without touching the model."""
     cls = method_class(cfg.method)
-    layers = {}
-    for path, target in resolve_targets(model, cfg, exact).items():
-        if cls.kind == "module":
-            layers[path] = cls(target, cfg)
-        else:
-            module, pname = target
-            layers[path] = cls(getattr(module, pname).detach(), cfg)
-    return layers
+    targets = resolve_targets(model, cfg, exact)
+    if cls.kind == "module":
+        return {path: cls(module, cfg) for path, module in targets.items()}
+    tensors = {path: getattr(module, pname).detach() for path, (module, pname) in targets.items()}
+    prepare = getattr(cls, "prepare_targets", None)
+    if prepare is not None and exact is None:
+        tensors = prepare(cfg, tensors)  # a choice over all tensors at once (SaRA: one global θ)
+    return {path: cls(tensor, cfg) for path, tensor in tensors.items()}
 
 
 def _install(model, name: str, cfg: AdapterConfig, layers: dict, weight: float) -> "AdapterHandle":
