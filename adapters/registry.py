@@ -5,4 +5,9 @@ Strings, not classes, so that this file imports nothing and a method is only imp
 
 METHODS = {
     "lora": "adapters.lora:LoRA",
+    "dora": "adapters.dora:DoRA",
+    "loldu": "adapters.loldu:LoLDU",
+    "flora": "adapters.flora:FLoRA",
+    "sara": "adapters.sara:SaRA",
+    "tlora": "adapters.tlora:TLoRA",
 }
