@@ -27,6 +27,7 @@ _EXPORTS = {
     "make_scheduler": "pipelines.text2image",
     "DCSolverScheduler": "pipelines.dcsolver",
     "DCDPMSolverScheduler": "pipelines.dcsolver",
+    "diffusehigh": "pipelines.diffusehigh",
     "one_step": "pipelines.hipa",
     "HiPALossConfig": "pipelines.hipa",
     "hipa_loss": "pipelines.hipa",

@@ -33,15 +33,55 @@ def output_paths(out, count: int):
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
+ADAPTER_PREFIX = "studio:"  # names of the adapters apply_adapters attaches (others are left alone)
+
+
+def apply_adapters(pipe, adapters=None) -> list:
+    """Make exactly `adapters` ([(adapter folder, weight), ...]) active on the pipeline's denoiser: load the
+    ones not attached yet, set every weight, detach those no longer asked for. A folder whose weights file
+    changed is loaded again. Returns the attached names."""
+    import hashlib
+
+    import adapters as adapter_lib
+
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    wanted = {}
+    for folder, weight in adapters or []:
+        folder = Path(folder).expanduser().resolve()
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"no adapter at {folder} (needs adapter_config.json + adapter_model.safetensors)")
+        stamp = hashlib.sha1(f"{folder}:{weights.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+        name = f"{ADAPTER_PREFIX}{folder.name}:{stamp}"
+        wanted[name] = (folder, wanted.get(name, (folder, 0.0))[1] + float(weight))
+    attached = adapter_lib.list_adapters(model)
+    for name in attached:
+        if name.startswith(ADAPTER_PREFIX) and name not in wanted:
+            adapter_lib.remove_adapter(model, name)
+    for name, (folder, weight) in wanted.items():
+        if name in attached:
+            adapter_lib.set_weights(model, {name: weight})
+        else:
+            adapter_lib.load_adapter(model, folder, name=name, weight=weight)
+    return list(wanted)
+
+
 def run_generate(settings, base="embedded", out=None, device=None, dtype=None, attention="auto",
-                 preview=None, preview_every=0, stop=None, pipe=None):
+                 preview=None, preview_every=0, stop=None, pipe=None, adapters=None):
     """Generate the images for `settings` (a pipelines.GenerationSettings); write PNGs if `out` is given.
+    adapters: [(adapter folder, weight), ...] applied together (none: the plain base).
     Returns (images, paths)."""
     from pipelines.text2image import generate
 
     pipe = pipe or get_pipeline(base, device=device, dtype=dtype, attention=attention)
     settings.extra.setdefault("Model", str(base))
-    if settings.extra.get("One-step"):  # HiPA: one denoiser call per image with the adapter
+    if adapters:
+        settings.extra.setdefault("Adapters", ", ".join(f"{Path(f).name}:{float(w):g}" for f, w in adapters))
+    apply_adapters(pipe, adapters)
+    if settings.extra.get("Hires"):  # DiffuseHigh: progressive upscaling from the native size
+        from pipelines.diffusehigh import generate_hires
+        images = generate_hires(pipe, settings, settings.extra["Hires"], preview=preview, stop=stop)
+    elif settings.extra.get("One-step"):  # HiPA: one denoiser call per image with the adapter
         from pipelines.hipa import drop_adapter, one_step
 
         settings.validate(pipe)

@@ -4,6 +4,7 @@ from importlib import import_module
 
 # suite -> module under studio.bench. Adding a suite = one line here plus its module.
 SUITES = {
+    "adapters-micro": "studio.bench.adapters_micro",
     "gpu": "studio.bench.gpu",
     "hires": "studio.bench.hires",
     "samplers": "studio.bench.samplers",

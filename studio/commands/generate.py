@@ -16,6 +16,7 @@ def add_arguments(p):
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
     p.add_argument("--attention", default="auto", choices=["auto", "xformers", "sdpa"])
     p.add_argument("--out", required=True, help="a .png file, or a folder for numbered files")
+    p.add_argument("--hires", default=None, help="DiffuseHigh: scales of the native size, e.g. 2 or 2,4 (saves the largest)")
     p.add_argument("--one-step", default=None, metavar="ADAPTER_DIR", help="HiPA: one model call per image with this adapter")
 
 
@@ -28,7 +29,11 @@ def run(args):
     settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                   guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
                                   num_images=args.num_images, scheduler=args.scheduler)
+    if args.hires:
+        settings.extra["Hires"] = args.hires
     if args.one_step:
+        if args.hires:
+            raise ValueError("--one-step and --hires cannot be combined")
         settings.extra["One-step"] = args.one_step
         settings.steps, settings.guidance = 1, 1.0  # what actually runs: one call, CFG baked into the adapter
     settings.validate()
