@@ -156,8 +156,17 @@ def hipa_loss(student: torch.Tensor, teacher: torch.Tensor, config: HiPALossConf
 # ----------------------------------------------------------------------------------------------------
 # The one-step student (differentiable; used by training and checked against the pipeline path).
 
-def terminal_timestep(scheduler) -> int:
-    return int(scheduler.config.num_train_timesteps) - 1
+# HiPA's SD setting has α_999 ≈ 0.068. Schedules that reach α ≈ 0 at the last step (cosine, zero-SNR)
+# would amplify ε errors by 1/α (~20,000x for squaredcos_cap_v2 at t = 999), so the default one-step
+# timestep is the latest one that keeps at least this signal scale. [R]; a knob (`timestep=`).
+MIN_SIGNAL = 0.06
+
+
+def default_timestep(scheduler, min_signal: float = MIN_SIGNAL) -> int:
+    """The latest training timestep whose α_t = sqrt(ᾱ_t) is at least min_signal (999 for SD schedules)."""
+    alpha = scheduler.alphas_cumprod.double().sqrt()
+    keep = torch.nonzero(alpha >= min_signal).flatten()
+    return int(keep.max()) if len(keep) else 0
 
 
 def prediction_to_x0(prediction, sample, alpha_bar, prediction_type: str):
@@ -173,8 +182,8 @@ def prediction_to_x0(prediction, sample, alpha_bar, prediction_type: str):
 
 
 def student_x0(unet, scheduler, noise, encoder_hidden_states, timestep=None):
-    """f_θ(z, c) = D(z, T, c): one UNet call at the terminal timestep, returned as x0 latents."""
-    timestep = terminal_timestep(scheduler) if timestep is None else int(timestep)
+    """f_θ(z, c) = D(z, T, c): one UNet call at timestep T (default_timestep) on pure noise, as x0 latents."""
+    timestep = default_timestep(scheduler) if timestep is None else int(timestep)
     alpha_bar = scheduler.alphas_cumprod[timestep].to(device=noise.device, dtype=torch.float32)
     t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
     prediction = unet(noise, t, encoder_hidden_states=encoder_hidden_states).sample
@@ -233,16 +242,56 @@ def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidanc
 # ----------------------------------------------------------------------------------------------------
 # One-step sampling on a loaded pipeline.
 
-def one_step_scheduler(pipe):
-    """A scheduler whose single step maps the terminal timestep's prediction to x0: DDIM with trailing
-    spacing and ᾱ_prev = 1 for ε/v models (timesteps = [T]); Euler from sigma 1 to 0 for flow models."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+def _one_step_class():
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    class OneStepScheduler(DDIMScheduler):
+        """DDIM's noise tables with one step: timesteps = [T]; step() returns the x0 prediction at T
+        (the spec's "tiny OneStepScheduler"). T is the attribute `one_step_timestep`."""
+        one_step_timestep = None
+
+        def set_timesteps(self, num_inference_steps=1, device=None, **kwargs):
+            if int(num_inference_steps) != 1:
+                raise ValueError(f"the one-step scheduler runs exactly 1 step, not {num_inference_steps}")
+            t = default_timestep(self) if self.one_step_timestep is None else int(self.one_step_timestep)
+            self.num_inference_steps = 1
+            self.timesteps = torch.tensor([t], dtype=torch.long, device=device)
+
+        def step(self, model_output, timestep, sample, return_dict=True, **kwargs):
+            alpha_bar = self.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
+            x0 = prediction_to_x0(model_output.float(), sample.float(), alpha_bar,
+                                  self.config.prediction_type).to(sample.dtype)
+            return DDIMSchedulerOutput(prev_sample=x0, pred_original_sample=x0) if return_dict else (x0,)
+
+    return OneStepScheduler
+
+
+def one_step_scheduler(pipe, timestep=None):
+    """A scheduler whose single step maps the prediction at timestep T on pure noise to x0 (ε/v/sample
+    models), or Euler from sigma 1 to 0 for flow-matching models (already one exact step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     base = getattr(pipe, "_studio_default_scheduler", pipe.scheduler)
     if "FlowMatch" in type(base).__name__:
         return FlowMatchEulerDiscreteScheduler.from_config(base.config)
-    return DDIMScheduler.from_config(base.config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                     clip_sample=False, thresholding=False, steps_offset=0)
+    scheduler = _one_step_class().from_config(base.config, clip_sample=False, thresholding=False)
+    scheduler.one_step_timestep = timestep
+    return scheduler
+
+
+def adapter_timestep(adapter):
+    """The one-step timestep a HiPA adapter was trained at (its hipa.json), or None."""
+    import json
+    from pathlib import Path
+
+    if adapter is None:
+        return None
+    info = Path(adapter) / "hipa.json"
+    if info.is_file():
+        value = json.loads(info.read_text()).get("timestep")
+        return int(value) if value is not None else None
+    return None
 
 
 def denoiser(pipe):
@@ -283,12 +332,13 @@ def drop_adapter(pipe):
 
 @torch.no_grad()
 def one_step(pipe, prompt, adapter=None, num_images: int = 1, seed: int = 0, height=None, width=None,
-             weight: float = 1.0, output_type: str = "pil"):
+             weight: float = 1.0, output_type: str = "pil", timestep=None):
     """One-step text-to-image: exactly one denoiser call per image, from pure noise, CFG off.
 
     adapter: a HiPA adapter folder (adapter_config.json + adapter_model.safetensors), or None for the
     pipeline as it is (the plain base gives a blurry 1-step image: the baseline HiPA fixes).
     Noise per image comes from seed, seed+1, ... as in `generate`, so results match the teacher's seeds.
+    timestep: the one-step timestep T (default: the adapter's hipa.json, else default_timestep).
     """
     from pipelines.text2image import family_kwargs, native_size
 
@@ -299,7 +349,9 @@ def one_step(pipe, prompt, adapter=None, num_images: int = 1, seed: int = 0, hei
     height, width = int(height or size), int(width or size)
     generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(int(num_images))]
     previous = pipe.scheduler
-    pipe.scheduler = one_step_scheduler(pipe)
+    if timestep is None:
+        timestep = adapter_timestep(adapter)
+    pipe.scheduler = one_step_scheduler(pipe, timestep)
     try:
         kwargs = family_kwargs(pipe)
         out = pipe(prompt, num_inference_steps=1, guidance_scale=1.0, height=height, width=width,

@@ -148,7 +148,8 @@ TRAIN_DEFAULTS = {"method": "lora", "rank": 4, "targets": "attn", "steps": 1500,
                   "validation_steps": 1, "validation_guidance": 1.0, "validation_seeds": [0, 1]}
 # objective_options keys (TrainConfig.objective_options; part of the config a resume must match).
 OPTION_DEFAULTS = {"pairs": 512, "teacher_scheduler": "default", "teacher_steps": 25, "teacher_guidance": None,
-                   "prompts": None, "teacher_cache": None, "pair_seed": 0, "shard_size": 32, "loss": {}}
+                   "prompts": None, "teacher_cache": None, "pair_seed": 0, "shard_size": 32, "timestep": None,
+                   "loss": {}}
 
 
 def hipa_config(settings: dict | None = None) -> dict:
@@ -208,7 +209,7 @@ class HiPAObjective(Objective):
 
     @torch.no_grad()
     def prepare(self, run) -> dict:
-        from pipelines.hipa import HiPALossConfig, decode_latents, encode_prompts
+        from pipelines.hipa import HiPALossConfig, decode_latents, default_timestep, encode_prompts
         from studio.evaluate import default_sampling
 
         cfg, pipe = run.config, run.pipe
@@ -237,11 +238,20 @@ class HiPAObjective(Objective):
         self.teacher_images = torch.cat([decode_latents(pipe.vae, self.targets[i:i + 64].to(run.device)).float().cpu()
                                          for i in range(0, len(self.targets), 64)])
         self.scheduler = pipe.scheduler
+        self.timestep = default_timestep(pipe.scheduler) if options["timestep"] is None else int(options["timestep"])
         self.feature_fn = evaluator_features(run.device) if self.loss_config.feature_weight else None
+        run.sample = self.sample_for(run)  # the loop's validation images become one-step samples
         unet_params = sum(p.numel() for p in pipe.unet.parameters())
         return {"objective": "hipa", "teacher_cache": str(folder), "teacher_pairs": int(len(self.noise)),
                 "teacher": {k: manifest[k] for k in ("scheduler", "steps", "guidance")}, "prompts": manifest["prompts"],
-                "loss": self.loss_config.to_dict(), "unet_params": unet_params}
+                "loss": self.loss_config.to_dict(), "unet_params": unet_params, "timestep": self.timestep}
+
+    def sample_for(self, run):
+        from pipelines.hipa import one_step
+
+        def sample(settings):
+            return one_step(run.pipe, settings.prompt, seed=settings.seed, timestep=self.timestep)[0]
+        return sample
 
     def loss(self, run, step, micro):
         from pipelines.hipa import decode_latents, hipa_loss, student_x0
@@ -253,7 +263,7 @@ class HiPAObjective(Objective):
         picks = example_indices(cfg.seed, len(self.noise), start, batch)
         dtype = run.pipe.unet.dtype
         states = self.states[self.prompt_index[picks]].to(device, dtype)
-        latents = student_x0(run.unet, self.scheduler, self.noise[picks].to(device, dtype), states)
+        latents = student_x0(run.unet, self.scheduler, self.noise[picks].to(device, dtype), states, self.timestep)
         images = decode_latents(run.pipe.vae, latents)
         return hipa_loss(images.float(), self.teacher_images[picks].to(device), self.loss_config, latents,
                          self.targets[picks].to(device), feature_fn=self.feature_fn)
@@ -271,7 +281,7 @@ def train_hipa(config, progress=None, stop=None):
     if status.get("state") == "done":
         data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
         write_json(Path(status["result"]) / "hipa.json", {
-            "one_step_timestep": "terminal (num_train_timesteps - 1)", "guidance_baked_in": data.get("teacher", {}).get("guidance"),
+            "timestep": data.get("timestep"), "guidance_baked_in": data.get("teacher", {}).get("guidance"),
             "teacher": data.get("teacher"), "teacher_pairs": data.get("teacher_pairs"), "prompts": data.get("prompts"),
             "loss": data.get("loss"), "steps": config["steps"], "base": str(config.get("base", "embedded")),
             "trainable_params": status.get("trainable_params"), "unet_params": data.get("unet_params"),

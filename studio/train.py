@@ -674,6 +674,7 @@ class Run:
         self.device = accelerator.device
         self.unet = pipe.unet
         self.generator = torch.Generator().manual_seed(int(config.seed) * 7919 + accelerator.process_index)
+        self.sample = None  # an objective may set sample(settings) -> PIL image for its validation images (HiPA: one step)
 
 
 def make_accelerator(config: TrainConfig):
@@ -971,7 +972,7 @@ def _validate(run, trainable, ema, step, emit):
                 settings = GenerationSettings(prompt=prompt, steps=config.validation_steps,
                                               guidance=config.validation_guidance, seed=int(seed),
                                               extra={"Model": str(config.base), "Method": config.method, "Step": step})
-                image = generate(run.pipe, settings)[0]
+                image = run.sample(settings) if run.sample is not None else generate(run.pipe, settings)[0]
                 path = run.folder.samples / f"step-{step:06d}" / f"p{p_index}-seed{seed}.png"
                 save_png(image, path, replace(settings))
                 paths.append(str(path))

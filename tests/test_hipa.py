@@ -94,8 +94,17 @@ def test_student_generator_matches_the_one_step_pipeline(tiny_pipe):
     with torch.no_grad():
         x0 = hipa.student_x0(tiny_pipe.unet, tiny_pipe.scheduler, noise, hipa.encode_prompts(tiny_pipe, prompts))
     assert torch.allclose(x0, latents, atol=1e-5)
-    # and the ε -> x0 conversion is the spec's (z - σ_T ε̂) / α_T with T = 999
-    assert hipa.terminal_timestep(tiny_pipe.scheduler) == 999
+    # SD's schedule keeps T = 999 (α ≈ 0.068); a cosine schedule (α_999 ≈ 5e-5) moves T to where α ≥ 0.06
+    assert hipa.default_timestep(tiny_pipe.scheduler) == 999
+    from diffusers import DDIMScheduler
+
+    cosine = DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    t = hipa.default_timestep(cosine)
+    assert cosine.alphas_cumprod[t] ** 0.5 >= hipa.MIN_SIGNAL > cosine.alphas_cumprod[t + 1] ** 0.5
+    with torch.no_grad():  # the pipeline path honours an explicit timestep too
+        at_900 = hipa.one_step(tiny_pipe, prompts[0], num_images=2, seed=9, output_type="latent", timestep=900)
+        x0 = hipa.student_x0(tiny_pipe.unet, tiny_pipe.scheduler, noise, hipa.encode_prompts(tiny_pipe, prompts), 900)
+    assert torch.allclose(x0, at_900, atol=1e-5)
 
 
 def test_teacher_cache_resumes(tiny_pipe, tmp_path):
@@ -187,7 +196,7 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     from studio.train import read_log, run_status
 
     settings = {"base": str(tiny_sd_dir), "out": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "quiet": True,
-                "validation_seeds": [], "checkpoint_every": 1, "rank": 2,
+                "validation_seeds": [0], "checkpoint_every": 1, "rank": 2,
                 "objective_options": {"pairs": 2, "teacher_steps": 2, "prompts": ["a photo of a bag"]}}
     calls = []
     train_hipa(settings, stop=lambda: len(calls) >= 1, progress=lambda e: calls.append(e) if e["type"] == "step" else None)
@@ -197,7 +206,9 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     assert status["state"] == "done" and status["step"] == 2
     steps = [r["step"] for r in read_log(run_dir / "log.jsonl") if "loss" in r]
     assert steps == [1, 2] and all("fft" in r for r in read_log(run_dir / "log.jsonl") if "loss" in r)
+    assert (run_dir / "samples" / "step-000000" / "p0-seed0.png").is_file()  # validation = one-step samples
+    assert (run_dir / "samples" / "step-000002" / "p0-seed0.png").is_file()
     info = json.loads((run_dir / "adapter" / "hipa.json").read_text())
-    assert info["teacher"]["steps"] == 2 and info["teacher_pairs"] == 2
+    assert info["teacher"]["steps"] == 2 and info["teacher_pairs"] == 2 and info["timestep"] == 999
     assert len(hipa.one_step(__import__("pipelines").load_pipeline(str(tiny_sd_dir), device="cpu"), "a photo of a bag",
                              adapter=run_dir / "adapter")) == 1

@@ -17,6 +17,7 @@ OPTION_FLAGS = {
     "teacher_cache": (str, "folder for the teacher pairs (default RUN_DIR/teacher); reusable across runs"),
     "pair_seed": (int, "seed of pair 0's noise (pair i uses seed + i; default 0)"),
     "prompts": (str, "prompts for the pairs, separated by '|' (default: every pretrained class prompt)"),
+    "timestep": (int, "the one-step timestep T (default: the latest with signal scale >= 0.06; 999 for SD)"),
 }
 # flag -> HiPALossConfig field
 LOSS_FLAGS = {
