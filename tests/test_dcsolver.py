@@ -9,7 +9,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from pipelines.dcsolver import (DCDPMSolverScheduler, DCSolverScheduler, cpr_ratios, lagrange_compensate,
                                 load_fitted)
 from pipelines.gaussian_testbed import SD_SCHEDULER_CONFIG, gaussian_problem
-from studio.dcsearch import (ddim_reference, final_error, fine_grid, fit_cpr, sample, search_ratios,
+from studio.dcsearch import (ddim_reference, final_error, fine_grid, fit_cpr, refine_ratios, sample, search_ratios,
                              validate_ratios)
 
 # The spec's reference setting (sampling.md 0.3): UniPC bh2, order 2, final sigma at t=0, no corrector after step 0.
@@ -225,3 +225,32 @@ def test_load_fitted_file(tmp_path):
     scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, **overrides)
     scheduler.set_timesteps(5)
     assert scheduler.compensation_ratios == [1, 1, 1.2, 1, 1]
+
+
+def test_refine_sweep_lowers_the_final_error_it_targets():
+    model = gaussian_problem()
+    fit = _noise(10, seed=1)
+    scheduler = DCSolverScheduler.from_config(SPEC_CONFIG)
+    scheduler.set_timesteps(6)
+    targets = model.trajectory(fit, scheduler.sigmas, 3.0)
+    greedy = search_ratios(scheduler, model.guided(3.0), fit, targets)["ratios"]
+    refined = refine_ratios(scheduler, model.guided(3.0), fit, targets[-1], greedy)
+    before = final_error(scheduler, model.guided(3.0), fit, targets[-1], greedy)
+    assert final_error(scheduler, model.guided(3.0), fit, targets[-1], refined) <= before
+
+
+def test_dpm_reference_is_aligned_and_accurate():
+    from diffusers import UniPCMultistepScheduler as U
+
+    from studio.dcsearch import references_for
+
+    model = gaussian_problem()
+    noise = _noise(8).float()
+    scheduler = U.from_config(SD_SCHEDULER_CONFIG)
+    refs = references_for(model.guided(1.0), noise, scheduler, [5, 6], 60)
+    for steps in (5, 6):
+        scheduler.set_timesteps(steps)
+        for i, state in enumerate(refs[steps]):
+            exact = model.solve(noise, scheduler.sigmas[0], scheduler.sigmas[i])
+            # the final step of any reference is D(x, t=1): exact up to ~sigma(1)^2 (a few 1e-6 here)
+            assert ((state - exact) ** 2).mean() < (1e-5 if i == steps else 1e-7), (steps, i)

@@ -17,10 +17,15 @@ def add_arguments(p):
     p.add_argument("--guidance", default="1,2,4", help="guidance scales to fit, comma-separated (1 = no CFG)")
     p.add_argument("--samples", type=int, default=10, help="noise samples to fit on (as many again are held out)")
     p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++"], help="the solver DC compensates")
-    p.add_argument("--reference-steps", type=int, default=250,
-                   help="DDIM steps of the reference (its grid always contains every coarse timestep)")
+    p.add_argument("--reference", default="dpm++", choices=["dpm++", "ddim"],
+                   help="sampler of the fine reference: DPM-Solver++(2M) (accurate in few calls) or DDIM")
+    p.add_argument("--reference-steps", type=int, default=60,
+                   help="steps of the fine reference (its grid always contains every coarse timestep)")
     p.add_argument("--bounds", default="0,2", help="search interval for each ratio")
-    p.add_argument("--default-guidance", type=float, default=2.0, help="guidance the scheduler assumes when not told")
+    p.add_argument("--default-guidance", type=float, default=None,
+                   help="guidance the scheduler assumes when not told (default: the model's own, from studio.json)")
+    p.add_argument("--refine", action="store_true",
+                   help="after the paper's greedy per-step search, one sweep on the final error (more model calls)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (fit: seed.., held out: seed+samples..)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="the JSON file to write (ship it as <model folder>/dc_solver.json)")
@@ -43,9 +48,14 @@ def run(args):
     if min(guidances) < 1:
         raise ValueError("--guidance values must be >= 1 (1 means no classifier-free guidance)")
     pipe = load_pipeline(args.base, device=args.device)
+    default_guidance = args.default_guidance
+    if default_guidance is None:
+        from studio.evaluate import default_sampling
+
+        default_guidance = float(default_sampling(args.base).get("guidance", 2.0))
     result = run_search(pipe, steps, guidances, samples=args.samples, solver=args.solver,
                         seed=args.seed, reference_steps=args.reference_steps, bounds=tuple(bounds),
-                        default_guidance=args.default_guidance,
+                        default_guidance=default_guidance, refine=args.refine, reference=args.reference,
                         progress_factory=lambda total: tqdm(total=total, desc="dc-search", unit="call"))
     write_json(args.out, result)
     for entry in result["table"]:
