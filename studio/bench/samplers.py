@@ -1,7 +1,10 @@
 """Few-step samplers: DC-Solver against UniPC, DPM-Solver++ and DDIM at 5/6/8/10 steps.
 
-Protocol (the DC-Solver paper's): from the same noise, the MSE of each sampler's final latent to a
-999-step DDIM reference (its grid contains every coarse timestep); plus the evaluator's prompt
+Protocol (the DC-Solver paper's, with a cheaper reference): from the same noise, the MSE of each sampler's
+final latent to a fine reference whose grid contains every coarse timestep. The paper uses 999 DDIM steps
+(--reference ddim --reference-steps 999); by default we use ~100 DPM-Solver++(2M) steps, which on the
+Gaussian test bed are about as close to the exact solution (5e-7 vs 5e-7 unguided, 2e-6 vs 6e-7 at CFG 4),
+far below the solvers' own errors (>= 4e-4 at 10 steps), at a tenth of the calls; plus the evaluator's prompt
 accuracy and FD-classifier of the decoded images (stand-ins for CLIP score and FID). The noise seeds
 here (default 1000..) are disjoint from the seeds dc-search fits and validates ratios on (0..19), so
 DC-Solver is measured on held-out noise.
@@ -17,9 +20,12 @@ def add_arguments(p):
     p.add_argument("--guidance", default="1,default", help="guidance scales; 'default' = the model's own")
     p.add_argument("--samplers", default="dc-solver,unipc,dpm++,ddim,dc-dpm++",
                    help="comma-separated; dc-dpm++ runs only where fitted DPM-Solver++ ratios were shipped")
-    p.add_argument("--per-class", type=int, default=4, help="images per prompt class (9 classes)")
+    p.add_argument("--per-class", type=int, default=2, help="images per prompt class (9 classes)")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed (keep clear of dc-search's 0..19)")
-    p.add_argument("--reference-steps", type=int, default=999, help="DDIM steps of the reference")
+    p.add_argument("--reference", default="dpm++", choices=["dpm++", "ddim"],
+                   help="reference sampler: DPM-Solver++(2M) (default; ~100 of its steps are about as exact as 999 DDIM "
+                        "steps) or DDIM (the paper's protocol: --reference ddim --reference-steps 999)")
+    p.add_argument("--reference-steps", type=int, default=100, help="steps of the reference")
     p.add_argument("--device", default="cpu")
 
 
@@ -38,7 +44,7 @@ def _scheduler(pipe, name, guidance):
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, clip_sample=False)  # plain deterministic DDIM, as in the paper
     raise ValueError(f"unknown sampler '{name}': choose from dc-solver, unipc, dpm++, ddim, dc-dpm++")
 
 
@@ -93,9 +99,9 @@ def bench_base(base, args, evaluator, rows, notes):
         denoise = pipeline_denoiser(pipe, prompts, guidance)
         started = time.perf_counter()
         probe = _scheduler(pipe, "unipc", guidance)
-        references = references_for(denoise, noise, probe, steps_list, args.reference_steps)
+        references = references_for(denoise, noise, probe, steps_list, args.reference_steps, method=args.reference)
         reference_final = references[steps_list[0]][-1]
-        rows.append({"base": base, "guidance": guidance, "sampler": "ddim-reference", "steps": args.reference_steps,
+        rows.append({"base": base, "guidance": guidance, "sampler": f"{args.reference}-reference", "steps": args.reference_steps,
                      "mse": 0.0, **_scores(evaluator, pipe, reference_final, classes),
                      "seconds": time.perf_counter() - started})
         print(f"  {base} cfg {guidance:g}: reference done ({rows[-1]['seconds']:.0f} s)", flush=True)
@@ -133,6 +139,7 @@ def run(args):
     columns = ["base", "guidance", "steps", "sampler", "mse", "mse_vs_unipc_%", "prompt_acc", "fd", "seconds"]
     return {"rows": rows, "columns": columns, "notes": notes,
             "settings": {"steps": args.steps, "guidance": args.guidance, "per_class": args.per_class,
-                         "seed": args.seed, "reference_steps": args.reference_steps,
-                         "metric": "final-latent MSE to a DDIM reference from the same noise (paper protocol)",
+                         "seed": args.seed, "reference": args.reference, "reference_steps": args.reference_steps,
+                         "metric": "final-latent MSE to a fine reference from the same noise whose grid contains "
+                                   "every coarse timestep (the paper's protocol uses 999 DDIM steps)",
                          "fd_name": "FD-classifier (evaluator features; a stand-in for FID)"}}
