@@ -96,7 +96,7 @@ def load_image(path, size: int) -> np.ndarray:
         except (OSError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
             raise ValueError(f"corrupt or truncated image ({str(exc).strip() or type(exc).__name__})") from None
     array = np.asarray(rgb, dtype=np.float32)
-    if array.max() == array.min():
+    if (array == array[:1, :1]).all():
         raise ValueError("all one colour (nothing to learn from)")
     return (array.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
 

@@ -38,9 +38,11 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -101,6 +103,7 @@ class TrainConfig:
     class_prompt: str = _f(None, "prompt for the class images, e.g. 'a photo of a bag'")
     class_images: int = _f(50, "number of class images for prior preservation")
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    class_sampling_steps: int = _f(25, "sampling steps for generating class images")
     class_cache: str = _f(None, "folder that caches class images (default: RUN_DIR/class_images)")
     seed: int = _f(0, "seed for initialisation, data order, noise and timesteps")
     validate_every: int = _f(100, "write validation samples every N steps (0 = only step 0 and the end)")
@@ -111,6 +114,7 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "write a resumable checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = _f(2, "keep only the newest N checkpoints")
     device: str = _f(None, "cpu or cuda (default: what accelerate picks)")
+    cpu_threads: int = _f(None, "torch CPU threads for this run (on a busy machine 1 can be far faster than 2)")
     out: str = _f(None, "the run folder")
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
     force: bool = _f(False, "resume even though the config changed")
@@ -144,10 +148,13 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
                 raise ValueError(f"{name.replace('_', '-')} must be a {'non-negative' if allow_zero else 'positive'} whole number, got {value!r}")
 
-        for name in ("steps", "batch_size", "grad_accum", "repeats", "rank", "class_images", "validation_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "repeats", "rank", "class_images", "validation_steps",
+                     "class_sampling_steps"):
             positive(name)
         for name in ("warmup_steps", "validate_every", "checkpoint_every", "keep_checkpoints", "seed"):
             positive(name, allow_zero=True)
+        if self.cpu_threads is not None:
+            positive("cpu_threads")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.lr_scheduler not in LR_SCHEDULES:
@@ -587,10 +594,11 @@ class SubjectObjective(Objective):
         class_report = {}
         if cfg.prior_preservation:
             root = cfg.class_cache or (run.folder.path / "class_images")
-            folder = class_cache_folder(root, str(cfg.base), cfg.class_prompt, size)
+            folder = class_cache_folder(root, str(cfg.base), f"{cfg.class_prompt}|{cfg.class_sampling_steps}", size)
             if run.accelerator.is_main_process:
                 run.say(f"class images: {cfg.class_images} for '{cfg.class_prompt}' in {folder}")
-                ensure_class_images(pipe, cfg.class_prompt, cfg.class_images, folder, size, seed=cfg.seed)
+                ensure_class_images(pipe, cfg.class_prompt, cfg.class_images, folder, size,
+                                    steps=cfg.class_sampling_steps, seed=cfg.seed)
             run.accelerator.wait_for_everyone()
             paths = [folder / f"class-{i:04d}.png" for i in range(cfg.class_images)]
             class_pixels = torch.from_numpy(np.stack([load_image(p, size) for p in paths]))
@@ -753,12 +761,16 @@ def _resolve_paths(config: TrainConfig) -> TrainConfig:
 
 
 class _Progress:
-    def __init__(self, enabled, total, start):
-        self.bar = None
-        if enabled:
+    """A tqdm bar with loss and ETA, opened only when steps begin (errors before that stay one clean line)."""
+
+    def __init__(self, enabled, total):
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def start(self, initial):
+        if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
     def update(self, loss, lr):
         if self.bar is not None:
@@ -790,7 +802,10 @@ def train(config, objective: Objective = None, progress=None, stop=None) -> Path
     is_main = accelerator.is_main_process
     _prepare_folder(folder, config, is_main)
     accelerator.wait_for_everyone()
-    bar = _Progress(is_main and not config.quiet, config.steps, 0)
+    threads = torch.get_num_threads()
+    if config.cpu_threads:
+        torch.set_num_threads(int(config.cpu_threads))
+    bar = _Progress(is_main and not config.quiet, config.steps)
     say = bar.write if is_main else (lambda text: None)
     emit = (lambda event: progress(event)) if (progress is not None and is_main) else (lambda event: None)
     try:
@@ -806,6 +821,7 @@ def train(config, objective: Objective = None, progress=None, stop=None) -> Path
         raise
     finally:
         bar.close()
+        torch.set_num_threads(threads)
 
 
 def _train(config, objective, folder, accelerator, say, emit, stop, bar):
@@ -864,9 +880,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
 
     if start == 0:
         _validate(run, trainable, ema, 0, emit)
-    if bar.bar is not None:
-        bar.bar.n = start
-        bar.bar.refresh()
+    bar.start(start)
 
     step = start
     run_started = time.time() - elapsed
@@ -879,6 +893,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                 say(f"stopped at step {step}; continue with --resume")
             return folder.path
         tick = time.time()
+        lr = schedule.get_last_lr()[0]  # the rate this step's update uses
         losses, extra = [], {}
         for micro in range(config.grad_accum):
             with accelerator.accumulate(prepared_unet):
@@ -896,7 +911,9 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                     skip = trainable.on_step(step, optimizer)
                     if not skip:
                         optimizer.step()
-                    schedule.step()
+                    with warnings.catch_warnings():  # a skipped update (method hook) is deliberate
+                        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                        schedule.step()
                     optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
@@ -905,7 +922,6 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {step}: lower --lr, or use "
                                      f"--mixed-precision bf16/no instead of fp16")
-        lr = schedule.get_last_lr()[0]
         seconds = time.time() - tick
         if is_main:
             record = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 4),

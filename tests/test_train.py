@@ -1,0 +1,245 @@
+"""The training loop: exact resume (stop or SIGKILL, then --resume gives bitwise the same adapter as an
+uninterrupted run on CPU), a run folder with everything promised, config checks, YAML + flags, method hooks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from studio.cli import main
+from studio.train import TrainConfig, read_log, run_status, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread: on a shared 2-core machine two spinning threads are ~100x slower, not 2x faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("subject")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "0.txt").write_text("a photo of sks bag on grass")
+    return folder
+
+
+def _config(tiny_sd_dir, subject, out, **extra):
+    settings = dict(base=str(tiny_sd_dir), images=str(subject), prompt="a photo of sks bag", method="lora", rank=2,
+                    steps=6, lr=1e-3, validate_every=0, validation_seeds=[], checkpoint_every=2, device="cpu",
+                    quiet=True, out=str(out))
+    settings.update(extra)
+    return settings
+
+
+def _adapter(run_dir):
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir, subject, tmp_path_factory):
+    """One uninterrupted run that the resumed runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(_config(tiny_sd_dir, subject, out, steps=8, grad_accum=2))
+    return out
+
+
+def test_stop_then_resume_is_bitwise_identical(tiny_sd_dir, subject, reference, tmp_path):
+    out = tmp_path / "run"
+    calls = []
+    train(_config(tiny_sd_dir, subject, out, steps=8, grad_accum=2), stop=lambda: len(calls) > 2 or calls.append(1))
+    status = run_status(out)
+    assert status["state"] == "stopped" and status["step"] == 3
+    assert (out / "checkpoints" / "step-000003").is_dir()
+    train(_config(tiny_sd_dir, subject, out, steps=8, grad_accum=2, resume=True))
+    assert run_status(out)["state"] == "done"
+    _same(_adapter(reference), _adapter(out))
+    assert _losses(out) == _losses(reference)  # the log was cut back to the checkpoint, then continued
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tiny_sd_dir, subject, tmp_path):
+    settings = _config(tiny_sd_dir, subject, tmp_path / "killed", steps=10, checkpoint_every=2, keep_checkpoints=3)
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, list):
+            continue  # validation_seeds=[]: set through the YAML below
+        else:
+            flags += [flag, str(value)]
+    (tmp_path / "c.yaml").write_text("validation_seeds: []\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "train", "--config", str(tmp_path / "c.yaml"), *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = tmp_path / "killed" / "checkpoints" / "step-000004"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), proc.stderr.read().decode()[-2000:]
+    assert run_status(tmp_path / "killed").get("state") in ("running", None)  # killed: no clean ending written
+    assert not (tmp_path / "killed" / "adapter").exists()
+    train({**settings, "resume": True})
+    train(_config(tiny_sd_dir, subject, tmp_path / "clean", steps=10, checkpoint_every=2))
+    _same(_adapter(tmp_path / "clean"), _adapter(tmp_path / "killed"))
+    assert _losses(tmp_path / "clean") == _losses(tmp_path / "killed")
+
+
+def test_run_folder_has_config_log_samples_checkpoints_and_adapter(tiny_sd_dir, subject, tmp_path):
+    out = tmp_path / "run"
+    events = []
+    train(_config(tiny_sd_dir, subject, out, steps=4, validate_every=2, validation_seeds=[0, 1], validation_steps=2,
+                  checkpoint_every=1, keep_checkpoints=2), progress=events.append)
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == "lora" and saved["steps"] == 4 and saved["images"] == str(subject)
+    steps = [r for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "seconds", "elapsed", "peak_mem_mb"} <= set(r) for r in steps)
+    for step in (0, 2, 4):  # step 0 is the base model's baseline
+        assert sorted(p.name for p in (out / "samples" / f"step-{step:06d}").iterdir()) == ["p0-seed0.png", "p0-seed1.png"]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003", "step-000004"]  # rotation
+    data = json.loads((out / "data.json").read_text())
+    assert data["plan"]["steps_per_epoch"] == 3 and data["trainable_params"] > 0
+    assert data["captions"]["0.png"] == "a photo of sks bag on grass"
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "plan" and kinds.count("step") == 4 and kinds[-1] == "done" and "samples" in kinds
+    # the final adapter loads into a fresh UNet and changes its output
+    from adapters import load_adapter
+    from pipelines import load_pipeline
+
+    unet = load_pipeline(tiny_sd_dir, device="cpu").unet
+    x, t, h = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 3, 32)
+    before = unet(x, t, h).sample
+    load_adapter(unet, out / "adapter", name="subject")
+    assert not torch.allclose(before, unet(x, t, h).sample)
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tiny_sd_dir, subject, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_sd_dir, subject, out, steps=2))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_config(tiny_sd_dir, subject, out, steps=2))
+    with pytest.raises(ValueError, match=r"config changed.*lr: 0.001 -> 0.01"):
+        train(_config(tiny_sd_dir, subject, out, steps=2, lr=1e-2, resume=True))
+    train(_config(tiny_sd_dir, subject, out, steps=3, resume=True, force=True))  # forced: extends the run
+    assert run_status(out)["step"] == 3
+
+
+def test_every_option_together_trains(tiny_sd_dir, subject, tmp_path):
+    """Accumulation, prior preservation (class images made by the base model, cached), min-SNR, EMA, flips,
+    caption dropout, warm-up + cosine, gradient checkpointing, bf16 autocast on CPU: a finite loss and a result."""
+    cache = tmp_path / "cache"
+    settings = _config(tiny_sd_dir, subject, tmp_path / "run", steps=3, grad_accum=2, batch_size=2,
+                       prior_preservation=True, class_prompt="a photo of a bag", class_images=3, class_cache=str(cache),
+                       class_sampling_steps=2,
+                       snr_gamma=5.0, ema_decay=0.9, flip=True, caption_dropout=0.2, lr_scheduler="cosine",
+                       warmup_steps=1, gradient_checkpointing=True, mixed_precision="bf16", repeats=2)
+    train(settings)
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) and "prior_loss" in r for r in records)
+    assert records[0]["lr"] < records[1]["lr"]  # warm-up
+    pngs = sorted(cache.rglob("class-*.png"))
+    assert len(pngs) == 3
+    stamp = [p.stat().st_mtime_ns for p in pngs]
+    train({**settings, "out": str(tmp_path / "run2")})
+    assert [p.stat().st_mtime_ns for p in pngs] == stamp  # cached, not regenerated
+    assert (tmp_path / "run2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tuning_saves_a_unet(tiny_sd_dir, subject, tmp_path):
+    train(_config(tiny_sd_dir, subject, tmp_path / "run", method="full", steps=2, lr=1e-4))
+    assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert run_status(tmp_path / "run")["trainable_params"] > 100_000
+
+
+def test_method_hooks_skip_updates_and_keep_state_across_resume(tiny_sd_dir, subject, tmp_path, monkeypatch):
+    """The generic hooks SaRA uses: on_step may skip an update; training_state survives a resume."""
+    from adapters.lora import LoRA
+
+    seen = []
+    monkeypatch.setattr(LoRA, "on_step", lambda self, step, optimizer: seen.append(step) or True, raising=False)
+    monkeypatch.setattr(LoRA, "training_state", lambda self: {"switched": torch.tensor([len(seen)])}, raising=False)
+    restored = []
+    monkeypatch.setattr(LoRA, "load_training_state", lambda self, state: restored.append(int(state["switched"][0])),
+                        raising=False)
+    out = tmp_path / "run"
+    train(_config(tiny_sd_dir, subject, out, steps=2, checkpoint_every=1))
+    assert sorted(set(seen)) == [0, 1]
+    lora_b = [v for k, v in _adapter(out).items() if k.endswith("lora_B")]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # every update skipped: B stays zero
+    train(_config(tiny_sd_dir, subject, out, steps=3, checkpoint_every=1, resume=True, force=True))
+    assert restored and restored[0] > 0
+
+
+def test_cli_yaml_config_and_flags(tiny_sd_dir, subject, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"base: {tiny_sd_dir}\nimages: {subject}\nprompt: a photo of sks bag\nsteps: 2\nrank: 2\n"
+                      f"validation_seeds: []\ndevice: cpu\nadapter_options: {{}}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--steps", "1", "--lr", "0.002", "--no-quiet", "--out", str(out)]) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["steps"] == 1 and saved["lr"] == 0.002 and saved["rank"] == 2  # flags win over the file
+    assert str(out / "adapter") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--base", "/no/such/model"], "model folder not found"),
+    (["--images", "/no/such/folder"], "image folder not found"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--lr-scheduler", "zigzag"], "unknown lr-scheduler"),
+    (["--prior-preservation"], "needs --class-prompt"),
+])
+def test_cli_user_errors_are_one_line(tiny_sd_dir, subject, tmp_path, capsys, extra, expected):
+    args = ["train", "--base", str(tiny_sd_dir), "--images", str(subject), "--prompt", "x", "--steps", "1",
+            "--device", "cpu", "--out", str(tmp_path / "run"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    status = run_status(tmp_path / "run")
+    assert status.get("state") in (None, "failed")
+
+
+def test_empty_image_folder_fails_clearly(tiny_sd_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--base", str(tiny_sd_dir), "--images", str(tmp_path / "empty"), "--prompt", "x",
+                 "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    assert "image folder is empty" in capsys.readouterr().err
+    assert run_status(tmp_path / "run")["state"] == "failed"
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    config = TrainConfig(images="x", out="y", validation_seeds=[3])
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown training setting 'stepz'"):
+        TrainConfig.from_dict({"stepz": 3, "out": "y"})
