@@ -254,7 +254,7 @@ class HiPAObjective(Objective):
         return sample
 
     def loss(self, run, step, micro):
-        from pipelines.hipa import decode_latents, hipa_loss, student_x0
+        from pipelines.hipa import decode_latents, hf_energy, hipa_loss, student_x0
         from studio.data import example_indices
 
         cfg, device = run.config, run.device
@@ -265,8 +265,14 @@ class HiPAObjective(Objective):
         states = self.states[self.prompt_index[picks]].to(device, dtype)
         latents = student_x0(run.unet, self.scheduler, self.noise[picks].to(device, dtype), states, self.timestep)
         images = decode_latents(run.pipe.vae, latents)
-        return hipa_loss(images.float(), self.teacher_images[picks].to(device), self.loss_config, latents,
-                         self.targets[picks].to(device), feature_fn=self.feature_fn)
+        teacher = self.teacher_images[picks].to(device)
+        loss, logs = hipa_loss(images.float(), teacher, self.loss_config, latents, self.targets[picks].to(device),
+                               feature_fn=self.feature_fn)
+        # The paper's diagnostic: the student's high-frequency energy should rise toward the teacher's.
+        with torch.no_grad():
+            cutoff = self.loss_config.cutoff
+            logs["hf_vs_teacher"] = float(hf_energy(images, cutoff).mean() / hf_energy(teacher, cutoff).mean().clamp_min(1e-12))
+        return loss, logs
 
 
 def train_hipa(config, progress=None, stop=None):

@@ -205,7 +205,7 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     status = run_status(run_dir)
     assert status["state"] == "done" and status["step"] == 2
     steps = [r["step"] for r in read_log(run_dir / "log.jsonl") if "loss" in r]
-    assert steps == [1, 2] and all("fft" in r for r in read_log(run_dir / "log.jsonl") if "loss" in r)
+    assert steps == [1, 2] and all("fft" in r and "hf_vs_teacher" in r for r in read_log(run_dir / "log.jsonl") if "loss" in r)
     assert (run_dir / "samples" / "step-000000" / "p0-seed0.png").is_file()  # validation = one-step samples
     assert (run_dir / "samples" / "step-000002" / "p0-seed0.png").is_file()
     info = json.loads((run_dir / "adapter" / "hipa.json").read_text())
