@@ -9,6 +9,7 @@ SUITES = {
     "hires": "studio.bench.hires",
     "samplers": "studio.bench.samplers",
     "onestep": "studio.bench.onestep",
+    "subject": "studio.bench.subject",
 }
 
 

@@ -1,0 +1,189 @@
+"""subject: fine-tune the embedded model on the held-out class with each method; subject accuracy, prior preservation, FD.
+
+For each method: `studio train` runs in its own process (so wall time and peak memory are that run's alone),
+then the evaluator scores (a) images of the subject prompt (subject accuracy: share classified as the
+held-out class), (b) images of the 9 pretrained class prompts (prior preservation: their prompt accuracy
+after fine-tuning, next to the base model's) and (c) FD-classifier of those pretrained-class images.
+A learning curve (subject accuracy of the validation samples every few steps, and the loss) is kept per
+method, so a method that falls short shows where it stalled.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ALL_METHODS = ["lora", "dora", "loldu", "flora", "sara", "tlora", "full"]
+# Per-method starting points (the bench's --set METHOD.KEY=VALUE overrides any of them).
+METHOD_DEFAULTS = {
+    "lora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
+    "dora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
+    "loldu": {"rank": 4, "lr": 1e-2, "targets": "attn"},
+    "flora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
+    "tlora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
+    "sara": {"rank": 4, "lr": 1e-3, "targets": "all"},
+    "full": {"lr": 1e-4},
+}
+
+
+def add_arguments(p):
+    from studio.fashion import HELD_OUT, prompt_for
+
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods (and 'full')")
+    p.add_argument("--steps", type=int, default=300, help="training steps per method")
+    p.add_argument("--base", default="embedded")
+    p.add_argument("--images", default=None, help=f"subject folder (default: assets/subjects/{HELD_OUT})")
+    p.add_argument("--prompt", default=prompt_for(HELD_OUT), help="instance prompt = the evaluated subject prompt")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a training setting for one method (or all.KEY=VALUE)")
+    p.add_argument("--per-class", type=int, default=20, help="evaluation images per class prompt")
+    p.add_argument("--curve-every", type=int, default=0, help="learning-curve points every N steps (default steps/5)")
+    p.add_argument("--curve-images", type=int, default=8, help="validation images per learning-curve point")
+    p.add_argument("--work", default=None, help="folder for the runs (default: a temp folder beside --json)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+
+
+def _overrides(items) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set needs METHOD.KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        method, name = key.split(".", 1)
+        out.setdefault(method, {})[name.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _subject_folder(args) -> Path:
+    from studio.fashion import HELD_OUT
+
+    folder = Path(args.images) if args.images else ROOT / "assets" / "subjects" / HELD_OUT
+    if not folder.is_dir():
+        raise FileNotFoundError(f"subject images not found: {folder} (give --images DIR)")
+    return folder
+
+
+def _train_in_subprocess(config: dict, folder: Path) -> dict:
+    """`python -m studio train --config` in a fresh process: its own wall time and peak memory."""
+    import yaml
+
+    from studio.files import write_text
+
+    config_path = folder.with_suffix(".yaml")
+    write_text(config_path, yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    began = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "studio", "train", "--config", str(config_path), "--quiet"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": tail[0], "wall_seconds": round(seconds, 1)}
+    return {"wall_seconds": round(seconds, 1)}
+
+
+def _curve(run_dir: Path, evaluator, class_name) -> list:
+    """(step, subject accuracy of that step's validation samples, mean loss of the steps before it)."""
+    from PIL import Image
+
+    from studio.train import read_log
+
+    losses = [(r["step"], r["loss"]) for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    points, previous = [], 0
+    for folder in sorted((run_dir / "samples").glob("step-*")):
+        step = int(folder.name[5:])
+        images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+        window = [loss for s, loss in losses if previous < s <= step]
+        points.append({"step": step, "subject_accuracy": round(evaluator.prompt_accuracy(images, class_name), 3),
+                       "loss": round(sum(window) / len(window), 4) if window else None})
+        previous = step
+    return points
+
+
+def _evaluate(args, method, run_dir, evaluate_base):
+    """Score the fine-tuned model: all 10 class prompts, the held-out one being the subject prompt."""
+    from pipelines import load_pipeline
+
+    pipe = load_pipeline(args.base, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = None
+    if method == "full":
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").to(pipe.device)
+    else:
+        adapter = str(run_dir / "adapter")
+    return evaluate_base(args.base, adapter=adapter, per_class=args.per_class, pipe=pipe, device=args.device)
+
+
+def run(args):
+    from studio.evaluate import evaluate_base, load_evaluator
+    from studio.fashion import HELD_OUT
+
+    import torch
+
+    from adapters import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("name at least one method with --methods")
+    torch.set_num_threads(args.threads)
+    overrides = _overrides(args.set)
+    images = _subject_folder(args)
+    work = Path(args.work) if args.work else (Path(args.json).resolve().parent if args.json else Path.cwd()) / "subject-runs"
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    evaluator = load_evaluator()
+
+    base = evaluate_base(args.base, per_class=args.per_class, device=args.device)
+    rows = [{"method": "base (no fine-tuning)", "trainable_params": 0, "adapter_bytes": 0, "wall_seconds": 0.0,
+             "peak_mem_mb": None, "subject_accuracy": round(base["held_out_accuracy"], 3),
+             "prior_accuracy": round(base["prompt_accuracy"], 3), "prior_delta": 0.0, "fd": round(base["fd"], 3)}]
+    curves, details = {}, {"base": base}
+    every = args.curve_every or max(1, args.steps // 5)
+    for method in methods:
+        if method not in METHODS and method != "full":
+            rows.append({"method": method, "error": "not available in adapters.METHODS yet"})
+            continue
+        run_dir = work / f"{stamp}-{method}"
+        config = {"base": args.base, "images": str(images), "prompt": args.prompt, "method": method,
+                  "steps": args.steps, "batch_size": args.batch_size, "device": args.device, "out": str(run_dir),
+                  "validate_every": every, "validation_prompts": [args.prompt],
+                  "validation_seeds": list(range(args.curve_images)), "validation_steps": 20,
+                  "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": 0, "cpu_threads": args.threads,
+                  **METHOD_DEFAULTS.get(method, {}), **overrides.get("all", {}), **overrides.get(method, {})}
+        print(f"[subject] {method}: training {args.steps} steps -> {run_dir}", file=sys.stderr, flush=True)
+        outcome = _train_in_subprocess(config, run_dir)
+        if "error" in outcome:
+            rows.append({"method": method, "error": outcome["error"], "wall_seconds": outcome["wall_seconds"]})
+            continue
+        from studio.train import read_log, run_status
+
+        status = run_status(run_dir)
+        peak = max((r.get("peak_mem_mb") or 0 for r in read_log(run_dir / "log.jsonl")), default=None)
+        print(f"[subject] {method}: evaluating", file=sys.stderr, flush=True)
+        scores = _evaluate(args, method, run_dir, evaluate_base)
+        curves[method] = _curve(run_dir, evaluator, HELD_OUT)
+        details[method] = {"config": config, "status": status, "eval": scores}
+        rows.append({"method": method, "trainable_params": status.get("trainable_params"),
+                     "adapter_bytes": status.get("result_bytes"), "wall_seconds": outcome["wall_seconds"],
+                     "train_seconds": status.get("seconds"), "peak_mem_mb": peak,
+                     "subject_accuracy": round(scores["held_out_accuracy"], 3),
+                     "prior_accuracy": round(scores["prompt_accuracy"], 3),
+                     "prior_delta": round(scores["prompt_accuracy"] - base["prompt_accuracy"], 3),
+                     "fd": round(scores["fd"], 3)})
+    columns = ["method", "trainable_params", "adapter_bytes", "wall_seconds", "peak_mem_mb", "subject_accuracy",
+               "prior_accuracy", "prior_delta", "fd", "error"]
+    return {"rows": rows, "columns": columns, "curves": curves, "details": details, "steps": args.steps,
+            "subject_prompt": args.prompt, "per_class": args.per_class, "images": str(images),
+            "notes": ("subject_accuracy = share of subject-prompt images the evaluator calls the held-out class; "
+                      "prior_accuracy = prompt accuracy on the 9 pretrained classes (delta vs the base model); "
+                      "fd = FD-classifier of the pretrained-class images (a stand-in for FID); wall_seconds includes "
+                      "process start, model load and validation samples; peak_mem_mb is the training process's "
+                      "peak RSS on CPU (or CUDA allocated memory on GPU)")}
+
