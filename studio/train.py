@@ -178,9 +178,14 @@ class TrainConfig:
 
     def adapter_config(self):
         from adapters import AdapterConfig
+        from adapters.core import method_class
 
+        options = dict(self.adapter_options)
+        # Methods whose schedule depends on the run's length (SaRA's progressive step) learn it here.
+        if "total_steps" in method_class(self.method).options and options.get("total_steps") is None:
+            options["total_steps"] = int(self.steps)
         return AdapterConfig(method=self.method, rank=int(self.rank), alpha=self.alpha, targets=self.targets,
-                             dropout=float(self.adapter_dropout), options=dict(self.adapter_options), base_model=str(self.base))
+                             dropout=float(self.adapter_dropout), options=options, base_model=str(self.base))
 
 
 def load_config_file(path) -> dict:

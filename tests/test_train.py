@@ -243,3 +243,22 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown training setting 'stepz'"):
         TrainConfig.from_dict({"stepz": 3, "out": "y"})
+
+
+def test_sara_progressive_switch_resumes_bitwise(tiny_sd_dir, subject, tmp_path):
+    """SaRA's progressive step (re-select, fresh optimiser state, skipped update) through the generic hooks;
+    stopping right after the switch and resuming still reproduces the uninterrupted run."""
+    from adapters import METHODS
+
+    if "sara" not in METHODS:
+        pytest.skip("SaRA is not in adapters yet")
+    settings = dict(method="sara", targets="attn", steps=5, checkpoint_every=1,
+                    adapter_options={"fraction": 0.2, "progressive_at": 3})
+    train(_config(tiny_sd_dir, subject, tmp_path / "ref", **settings))
+    calls = []
+    train(_config(tiny_sd_dir, subject, tmp_path / "cut", **settings), stop=lambda: len(calls) > 3 or calls.append(1))
+    assert run_status(tmp_path / "cut")["step"] == 4
+    train(_config(tiny_sd_dir, subject, tmp_path / "cut", resume=True, **settings))
+    ref, cut = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
+    _same(ref, cut)
+    assert any(k.endswith("sara_progressed") and bool(v.all()) for k, v in ref.items())
