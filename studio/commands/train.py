@@ -4,6 +4,7 @@ Every flag can also come from a YAML file (--config FILE.yaml, keys = flag names
 command line win. The effective config is written into the run folder.
 """
 import argparse
+import os
 
 
 def add_config_arguments(p):
@@ -75,5 +76,6 @@ def run(args):
     config = TrainConfig.from_dict(config_from_args(args))
     run_dir = train(config)
     status = run_status(run_dir)
-    print(status.get("result") or run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun: one line, not one per process
+        print(status.get("result") or run_dir)
     return 0 if status.get("state") == "done" else 1
