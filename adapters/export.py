@@ -10,7 +10,8 @@ Formats:
                ".lora_B.weight" (prefix "unet" for UNets, "transformer" for DiTs); what
                `pipe.load_lora_weights(folder)` reads.
   "kohya":     one .safetensors with "lora_unet_<path with _>.lora_down.weight", ".lora_up.weight",
-               ".alpha" (prefix "lora_transformer" for DiTs) plus ss_* metadata.
+               ".alpha" (prefix "lora_transformer" for DiTs) plus ss_* metadata; every layer gets the
+               same rank (smaller ones zero-padded) so any alpha fallback still gives scale 1.
 """
 from __future__ import annotations
 
@@ -91,9 +92,18 @@ def export_lora(model, path, rank: int, format: str = "diffusers", name: str | N
         raise ValueError(f"export rank must be a positive integer, got {rank!r}")
     deltas, skipped = dense_deltas(model, name)
     prefix = _prefix(model, format)
+    factors = {path: low_rank_factors(delta, rank) for path, (delta, _) in deltas.items()}
+    # kohya files get one rank for every layer (zero-padded, ΔW unchanged): diffusers' kohya conversion
+    # drops some alphas (e.g. mid_block attention) and falls back to the first layer's alpha.
+    uniform = max(up.shape[1] for up, _, _ in factors.values()) if format == "kohya" else None
     tensors, report = {}, {}
     for module_path, (delta, module) in deltas.items():
-        up, down, error = low_rank_factors(delta, rank)
+        up, down, error = factors[module_path]
+        report[module_path] = {"rank": up.shape[1], "relative_error": error}
+        if uniform and up.shape[1] < uniform:
+            pad = uniform - up.shape[1]
+            up = torch.cat([up, up.new_zeros(up.shape[0], pad)], 1)
+            down = torch.cat([down, down.new_zeros(pad, down.shape[1])], 0)
         r = up.shape[1]
         if delta.dim() == 4:
             up, down = up[:, :, None, None], down.reshape(r, *delta.shape[1:])
@@ -106,7 +116,6 @@ def export_lora(model, path, rank: int, format: str = "diffusers", name: str | N
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.lora_up.weight"] = up
             tensors[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
-        report[module_path] = {"rank": r, "relative_error": error}
     path = Path(path)
     if format == "diffusers" and path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
