@@ -15,6 +15,7 @@ from pathlib import Path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+HIPA_NAME = "hipa.json"  # written beside a HiPA (one-step) adapter by studio.hipa
 EXPORT_FORMATS = ("diffusers", "kohya")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -82,9 +83,10 @@ def adapter_info(path) -> dict:
         "name": path.name,
         "path": str(path),
         "method": str(_first(config, "method", "peft_type", default="?")).lower(),
-        "rank": _first(config, "rank", "r", default=""),
-        "targets": _first(config, "targets", "target_modules", default=""),
+        "rank": _first(config, "r", "rank", default=""),
+        "targets": (config.get("adapter") or {}).get("targets") or _first(config, "targets", "target_modules", default=""),
         "base_model": str(_first(config, "base_model", "base_model_name_or_path", "base", default="?")),
+        "one_step": (path / HIPA_NAME).is_file(),  # a HiPA adapter: one model call per image
         "size_bytes": size,
         "size": _human_size(size),
         "modified": weights.stat().st_mtime if weights.is_file() else 0.0,
@@ -150,6 +152,9 @@ def add_adapter(source_dir, name: str, home=None, overwrite: bool = False) -> Pa
     tmp.mkdir(parents=True)
     for file in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy2(source_dir / file, tmp / file)
+    for extra in source_dir.glob("*.json"):  # notes beside the adapter (hipa.json, ...); JSON only
+        if extra.name != CONFIG_NAME and extra.is_file():
+            shutil.copy2(extra, tmp / extra.name)
     os.replace(tmp, target)
     return target
 
@@ -167,20 +172,34 @@ def delete_adapter(name: str, home=None) -> None:
     shutil.rmtree(adapter_path(name, home))
 
 
-def export_adapter(name: str, format: str = "diffusers", out=None, home=None) -> Path:
+def export_adapter(name: str, format: str = "diffusers", out=None, home=None, rank=None, base=None, device=None) -> Path:
     """Export a library adapter as a plain LoRA file (diffusers or kohya keys) that other tools load.
-    Default destination: <home>/exports/<name>-<format>.safetensors."""
+    The adapter is attached to its base model (from its config, or `base`), its ΔW factorised by
+    adapters.export_lora at `rank` (default: the adapter's rank). Default destination:
+    <home>/exports/<name>-<format>.safetensors. Returns the file written."""
     if format not in EXPORT_FORMATS:
         raise LibraryError(f"unknown export format '{format}': use {' or '.join(EXPORT_FORMATS)}")
     path = adapter_path(name, home)
-    out = Path(out) if out else studio_home(home) / "exports" / f"{path.name}-{format}.safetensors"
+    info = adapter_info(path)
+    base = base or (info["base_model"] if info["base_model"] not in ("", "?", "None") else "embedded")
     try:
-        from adapters import export_lora
-    except ImportError as exc:
-        raise LibraryError("exporting needs adapters.export_lora, which this build does not have yet") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = export_lora(path, out, format=format)
-    return Path(result) if isinstance(result, (str, Path)) else out
+        rank = int(rank or info["rank"] or 8)
+    except (TypeError, ValueError):
+        rank = 8
+    out = Path(out) if out else studio_home(home) / "exports" / f"{path.name}-{format}.safetensors"
+    import adapters as adapter_lib
+
+    from studio.generate import get_pipeline
+
+    pipe = get_pipeline(base, device=device)
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    temp = "studio-export"
+    adapter_lib.load_adapter(model, path, name=temp, weight=1.0)
+    try:
+        result = adapter_lib.export_lora(model, out, rank=rank, format=format, name=temp)
+    finally:
+        adapter_lib.remove_adapter(model, temp)
+    return Path(result["path"] if isinstance(result, dict) else out)
 
 
 def recent_outputs(home=None, limit: int = 24) -> list:
@@ -205,3 +224,82 @@ def new_output_path(seed: int, home=None) -> Path:
     while path.exists():
         path, i = folder / f"{stamp}-{int(seed)}-{i}.png", i + 1
     return path
+
+
+# --- subject images uploaded through the page -------------------------------------------------------------
+
+SUBJECTS_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "subjects"
+UPLOAD_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+MAX_UPLOAD_PIXELS = 40_000_000
+MAX_UPLOAD_IMAGES = 200
+
+
+def sample_subjects() -> dict:
+    """The subjects bundled under assets/subjects: name -> folder (only folders that hold images)."""
+    if not SUBJECTS_ASSETS.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(SUBJECTS_ASSETS.iterdir()):
+        if folder.is_dir() and any(p.suffix.lower() in UPLOAD_SUFFIXES for p in folder.iterdir()):
+            found[folder.name] = folder
+    return found
+
+
+def save_subject_upload(files, home=None) -> Path:
+    """Copy uploaded images into a fresh workspace folder as 000.png, 001.png, ... The uploaded names are
+    never used as paths; each file must decode as an image (a ValueError names the first bad one by
+    position). Returns the folder, ready for TrainConfig.images."""
+    import secrets
+    import time
+
+    from PIL import Image, UnidentifiedImageError
+
+    files = [f for f in (files or []) if f]
+    if not files:
+        raise LibraryError("upload at least one image of the subject (or pick the bundled sample subject)")
+    if len(files) > MAX_UPLOAD_IMAGES:
+        raise LibraryError(f"too many images ({len(files)}); at most {MAX_UPLOAD_IMAGES}")
+    folder = studio_home(home) / "subjects" / f"upload-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        for i, source in enumerate(files):
+            source = getattr(source, "name", source)  # a gradio file object or a path
+            try:
+                with Image.open(source) as image:
+                    if image.width * image.height > MAX_UPLOAD_PIXELS:
+                        raise LibraryError(f"upload {i + 1} is too large ({image.width}x{image.height} pixels)")
+                    image.load()
+                    rgb = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "RGBA") else image.convert("RGB")
+                    rgb.save(tmp / f"{i:03d}.png", format="PNG")
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+                raise LibraryError(f"upload {i + 1} is not a readable image ({type(exc).__name__})") from None
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- finished training jobs become library adapters --------------------------------------------------------
+
+LIBRARY_MARKER = "library.json"  # in a run folder: the library name its adapter was added under
+
+
+def import_finished_jobs(store, home=None) -> list:
+    """Every done job whose run folder holds an adapter and that is not yet in the library is added under
+    the job's name (made unique). Idempotent; returns the new library names."""
+    added = []
+    for job in store.list(states=["done"]):
+        run = Path(job.run_dir)
+        marker = run / LIBRARY_MARKER
+        adapter = run / "adapter"
+        if marker.is_file() or not is_adapter_dir(adapter):
+            continue
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", job.name or f"job-{job.id}").strip("-.") or f"job-{job.id}"
+        name = unique_name(base[:60], home)
+        add_adapter(adapter, name, home)
+        from studio.files import write_json
+
+        write_json(marker, {"name": name, "job": job.id})
+        added.append(name)
+    return added

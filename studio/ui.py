@@ -94,9 +94,8 @@ def build_app(base: str = "embedded", home=None, device=None) -> gr.Blocks:
             with gr.Tab("Library", id="library", elem_id="tab-library"):
                 # Anything that changes the library refreshes every adapter picker.
                 lib = ui_library.build(ctx, gen.adapter_pickers + compare.adapter_pickers)
-        demo.load(lib.refresh, outputs=lib.outputs, queue=False)
         demo.load(gen.recent, outputs=gen.gallery_outputs, queue=False)
-        train.connect(demo, lib)
+        train.connect(demo, lib)  # polls the job store (and refreshes the library) from page load on
     demo.studio_context = ctx
     return demo
 
@@ -109,6 +108,15 @@ def launch(base="embedded", host="127.0.0.1", port=7860, home=None, auth=None, m
         (ctx_home / sub).mkdir(parents=True, exist_ok=True)
     if host not in LOCAL_HOSTS and not auth:
         log.warning("serving on %s without a password: anyone on the network can use this studio (set --auth user:password)", host)
+    if block:
+        # `kill` (SIGTERM) ends the server like Ctrl-C: exit handlers run, so a training worker is interrupted
+        # cleanly and its job resumes at the next start.
+        import signal
+
+        def _interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _interrupt)
     demo = build_app(base=base, home=ctx_home, device=device)
     demo.queue(max_size=int(queue_size), default_concurrency_limit=1)
     allowed = [str(ctx_home / "outputs"), str(ctx_home / "jobs"), str(ctx_home / "exports")]

@@ -20,6 +20,7 @@ from studio.ui import GPU_LANE, base_choices, first_line, raise_for_ui
 SCHEDULER_CHOICES = [("Model default", "default"), ("DDIM", "ddim"), ("Euler", "euler"), ("UniPC", "unipc"),
                      ("DPM-Solver++", "dpm++"), ("DC-Solver", "dc-solver")]
 HIRES_CHOICES = ["off", "2x", "4x"]
+HIRES_SCALES = {"2x": "2", "4x": "2,4"}  # DiffuseHigh stages (4x goes through 2x, progressively)
 ADAPTER_SLOTS = 3
 NO_ADAPTER = "(none)"
 
@@ -35,6 +36,15 @@ def _run_generate_params() -> set:
     from studio.generate import run_generate
 
     return set(inspect.signature(run_generate).parameters)
+
+
+def _available(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def adapter_choices(ctx) -> list:
@@ -59,23 +69,28 @@ def parse_request(ctx, prompt, negative, seed, steps, guidance, width, height, s
     settings.validate()
     params = _run_generate_params()
     kwargs = {}
-    chosen = []
+    chosen, hipa = [], []
     for name, weight in slots:
         if name and name != NO_ADAPTER:
-            chosen.append((str(library.resolve_adapter(name, ctx.home)), float(weight)))
+            folder = library.resolve_adapter(name, ctx.home)
+            (hipa if one_step and library.adapter_info(folder)["one_step"] else chosen).append((str(folder), float(weight)))
     if chosen:
         if "adapters" not in params:
             raise ValueError("generating with adapters is not available in this build yet")
         kwargs["adapters"] = chosen
-        settings.extra["Adapters"] = ", ".join(f"{Path(p).name}:{w:g}" for p, w in chosen)
     if hires and hires != "off":
-        if "hires" not in params:
+        if not _available("pipelines.diffusehigh"):
             raise ValueError("hi-res generation (DiffuseHigh) is not available in this build yet")
-        kwargs["hires"] = int(str(hires).rstrip("x"))
+        settings.extra["Hires"] = HIRES_SCALES[hires]
     if one_step:
-        if "one_step" not in params:
+        if not _available("pipelines.hipa"):
             raise ValueError("one-step generation (HiPA) is not available in this build yet")
-        kwargs["one_step"] = True
+        if len(hipa) != 1:
+            raise ValueError("one-step mode needs exactly one HiPA adapter among the chosen adapters")
+        if hires and hires != "off":
+            raise ValueError("one-step and hi-res cannot be combined; turn one of them off")
+        settings.extra["One-step"] = hipa[0][0]
+        settings.steps, settings.guidance = 1, 1.0  # what actually runs: one call, guidance baked in
     return settings, kwargs
 
 
@@ -220,7 +235,7 @@ def build(ctx) -> GenerateTab:
         for name in (a1, a2, a3):
             if name and name != NO_ADAPTER:
                 try:
-                    hipa = hipa or library.adapter_info(library.resolve_adapter(name, ctx.home))["method"] == "hipa"
+                    hipa = hipa or library.adapter_info(library.resolve_adapter(name, ctx.home))["one_step"]
                 except ValueError:
                     pass
         return gr.update(interactive=hipa, value=False if not hipa else gr.skip())

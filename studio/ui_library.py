@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio import library
-from studio.ui import raise_for_ui
+from studio.ui import GPU_LANE, raise_for_ui
 
 COLUMNS = ["name", "method", "rank", "base model", "size", "targets"]
 
@@ -91,5 +91,5 @@ def build(ctx, pickers) -> LibraryTab:
     rename_btn.click(rename, inputs=[picker, new_name], outputs=[status, new_name] + outputs, queue=False)
     delete_btn.click(delete, inputs=[picker], outputs=[status, config] + outputs, queue=False)
     picker.change(show, inputs=[picker], outputs=[config], queue=False)
-    export_btn.click(export, inputs=[picker, fmt], outputs=[export_file, status], concurrency_id="export")
+    export_btn.click(export, inputs=[picker, fmt], outputs=[export_file, status], concurrency_id=GPU_LANE, concurrency_limit=1)
     return LibraryTab(refresh=refresh, outputs=outputs)
