@@ -210,9 +210,17 @@ class _Site(nn.Module):
             return
         layer, w = self.adapters[name], self.weights[name]
         weight = self.base_weight()
-        delta = (w * layer.delta_weight(weight)).to(weight.dtype)
+        # a method whose ΔW depends on W0 (DoRA) must see W0, not W0 plus other merged adapters
+        reference = self._unmerged_weight() if layer.delta_depends_on_base and self.merged else weight
+        delta = (w * layer.delta_weight(reference)).to(weight.dtype)
         weight.add_(delta)
         self.merged[name] = (w, delta if layer.delta_depends_on_base else None)
+
+    def _unmerged_weight(self):
+        weight = self.base_weight().clone()
+        for name, (w, delta) in self.merged.items():
+            weight -= delta if delta is not None else (w * self.adapters[name].delta_weight(weight)).to(weight.dtype)
+        return weight
 
     @torch.no_grad()
     def unmerge(self, name):
