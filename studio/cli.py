@@ -15,6 +15,7 @@ COMMANDS = {
     "hipa": ("studio.commands.hipa", "train a HiPA one-step adapter (shared training loop, resumable)"),
     "train": ("studio.commands.train", "fine-tune on a subject with any adapter (resumable)"),
     "jobs": ("studio.commands.jobs", "the training queue: list, submit, cancel, resume, worker"),
+    "library": ("studio.commands.library", "the adapter library: list, add, rename, delete, export as LoRA"),
     "serve": ("studio.commands.serve", "the studio in the browser (Gradio) on 127.0.0.1"),
     "dc-search": ("studio.commands.dc_search", "fit DC-Solver compensation ratios + CPR for a model (JSON)"),
 }

@@ -26,6 +26,8 @@ log = logging.getLogger("studio.ui")
 
 POLL_SECONDS = 1.5
 FULL = "full"
+KIND_CHOICES = [("A subject (DreamBooth-style)", "train"), ("One-step sampling (HiPA distillation)", "hipa")]
+HIPA_STEPS = 1500  # studio.hipa.TRAIN_DEFAULTS["steps"]
 SOURCE_CHOICES = [("Bundled sample subject", "sample"), ("My images (upload)", "upload")]
 PRECISIONS = ["auto", "no", "fp16", "bf16"]
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -243,13 +245,11 @@ def loss_frame(records):
     import pandas as pd
 
     points = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r and "step" in r]
-    frame = pd.DataFrame(points, columns=["step", "loss"])
-    if len(frame):
-        smooth = frame["loss"].ewm(alpha=0.1).mean()
-        frame = pd.concat([frame.assign(series="loss"), frame.assign(loss=smooth, series="smoothed")], ignore_index=True)
-    else:
-        frame = pd.DataFrame({"step": [0], "loss": [None], "series": ["loss"]}).dropna()
-    return frame
+    frame = pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
+                          "loss": pd.Series([p[1] for p in points], dtype="float64")})
+    smooth = frame["loss"].ewm(alpha=0.1).mean() if len(frame) else frame["loss"]
+    # Typed even when empty: the plot keeps the axis types it first saw (an empty object column = categories).
+    return pd.concat([frame.assign(series="loss"), frame.assign(loss=smooth, series="smoothed")], ignore_index=True)
 
 
 def sample_items(run_dir) -> list:
@@ -309,17 +309,24 @@ def build(ctx) -> TrainTab:
     with gr.Row():
         with gr.Column(scale=2):
             gr.Markdown("### New training job")
+            kind = gr.Radio(KIND_CHOICES, value="train", label="What to train", elem_id="train-kind")
             base = gr.Dropdown(base_choices(ctx), value=ctx.base, allow_custom_value=True, elem_id="train-base",
                                label="Base model (embedded, embedded-dit, or a diffusers folder)")
-            source = gr.Radio(SOURCE_CHOICES, value="sample" if samples else "upload", label="Subject images",
-                              elem_id="train-source")
-            sample = gr.Dropdown(list(samples), value=next(iter(samples), None), label="Sample subject",
-                                 elem_id="train-sample", visible=bool(samples),
-                                 info=None if samples else "no sample subject is bundled yet (assets/subjects/)")
-            upload = gr.File(file_count="multiple", file_types=["image"], label="Upload 3-20 photos of the subject",
-                             elem_id="train-upload", visible=not samples)
-            prompt = gr.Textbox(label="Instance prompt (used for images without a .txt caption)",
-                                value="a photo of sks bag", elem_id="train-prompt")
+            with gr.Group(visible=False) as hipa_box:
+                gr.Markdown("HiPA teaches a low-rank adapter to reproduce the base model's multi-step images in ONE "
+                            "model call: the base model first makes the teacher pairs (cached in the run folder), then "
+                            "the adapter trains on them. Use the result with one-step mode in the Generate tab.")
+                pairs = gr.Number(label="Teacher pairs", value=512, precision=0, minimum=1, elem_id="train-pairs")
+            with gr.Group() as subject_box:
+                source = gr.Radio(SOURCE_CHOICES, value="sample" if samples else "upload", label="Subject images",
+                                  elem_id="train-source")
+                sample = gr.Dropdown(list(samples), value=next(iter(samples), None), label="Sample subject",
+                                     elem_id="train-sample", visible=bool(samples),
+                                     info=None if samples else "no sample subject is bundled yet (assets/subjects/)")
+                upload = gr.File(file_count="multiple", file_types=["image"], label="Upload 3-20 photos of the subject",
+                                 elem_id="train-upload", visible=not samples)
+                prompt = gr.Textbox(label="Instance prompt (used for images without a .txt caption)",
+                                    value="a photo of sks bag", elem_id="train-prompt")
             name = gr.Textbox(label="Job / adapter name (optional)", placeholder="e.g. my-bag", elem_id="train-name")
             with gr.Row():
                 method = gr.Dropdown(methods, value="lora" if "lora" in methods else methods[0], label="Method",
@@ -401,15 +408,26 @@ def build(ctx) -> TrainTab:
         return (gr.update(visible=low_rank), gr.update(visible=low_rank),
                 gr.update(value=text, visible=bool(opts)), gr.update(visible=low_rank))
 
-    def on_plan(source_v, sample_v, upload_v, steps_v, repeats_v, batch_v, accum_v):
+    def on_plan(kind_v, source_v, sample_v, upload_v, steps_v, repeats_v, batch_v, accum_v, pairs_v):
+        if kind_v == "hipa":
+            return (f"**What these steps mean:** {int(pairs_v or 0)} teacher pairs first (one multi-step sample each), "
+                    f"then {int(steps_v or 0)} steps on batches of those pairs.")
         return plan_text(images_count(source_v, sample_v, upload_v), steps_v, repeats_v, batch_v, accum_v)
+
+    def on_kind(kind_v):
+        subject = kind_v != "hipa"
+        return (gr.update(visible=subject), gr.update(visible=not subject), gr.update(visible=subject),
+                gr.update(value=300 if subject else HIPA_STEPS))
 
     def submit(base_v, source_v, sample_v, upload_v, prompt_v, name_v, method_v, rank_v, alpha_v, options_v, steps_v,
                repeats_v, lr_v, batch_v, accum_v, schedule_v, warmup_v, seed_v, targets_v, precision_v,
-               validate_v, vsteps_v, ckpt_v, checkpointing_v, flip_v, prior_v, class_prompt_v, class_images_v):
+               validate_v, vsteps_v, ckpt_v, checkpointing_v, flip_v, prior_v, class_prompt_v, class_images_v, kind_v,
+               pairs_v):
         from studio.jobs import JobStore
 
         try:
+            if kind_v == "hipa":
+                return submit_hipa(base_v, name_v, method_v, rank_v, alpha_v, options_v, steps_v, targets_v, pairs_v)
             if source_v == "sample":
                 if sample_v not in samples:
                     raise ValueError("no sample subject is bundled yet: upload your own images instead")
@@ -449,6 +467,30 @@ def build(ctx) -> TrainTab:
         where = f" It waits behind {queued} queued job(s)." if queued > 0 else ""
         choices = [(job_label(j), j.id) for j in reversed(store.list())]
         return gr.update(choices=choices, value=new.id), f"Queued job **#{new.id} {new.name}**.{where}{note}"
+
+    def submit_hipa(base_v, name_v, method_v, rank_v, alpha_v, options_v, steps_v, targets_v, pairs_v):
+        """A HiPA job: HiPA's own training defaults (studio.hipa.hipa_config) under the few settings shown."""
+        from studio.hipa import hipa_config
+        from studio.jobs import JobStore
+        from studio.train import TrainConfig
+
+        if method_v == FULL:
+            raise ValueError("HiPA trains an adapter: pick an adapter method, not full fine-tuning")
+        job_name = str(name_v or "").strip() or f"one-step-{method_v}"
+        library.check_name(job_name)
+        settings = {"base": str(base_v or ctx.base).strip(), "method": method_v, "rank": int(rank_v),
+                    "alpha": float(alpha_v) if alpha_v else None, "targets": str(targets_v or "attn").strip(),
+                    "adapter_options": parse_options(options_v), "steps": int(steps_v), "quiet": True,
+                    "objective_options": {"pairs": int(pairs_v)}}
+        if ctx.device:
+            settings["device"] = ctx.device
+        config = hipa_config(settings)
+        TrainConfig.from_dict({**config, "out": config.get("out") or "placeholder"})  # what `studio hipa --submit` checks
+        store = JobStore(ctx.home)
+        new = store.submit(config, name=job_name, kind="hipa")
+        worker.ensure(store)
+        choices = [(job_label(j), j.id) for j in reversed(store.list())]
+        return gr.update(choices=choices, value=new.id), f"Queued one-step (HiPA) job **#{new.id} {new.name}**."
 
     def act(action, job_id):
         from studio.jobs import JobStore
@@ -512,12 +554,13 @@ def build(ctx) -> TrainTab:
 
     source.change(on_source, inputs=[source], outputs=[sample, upload], queue=False)
     method.change(on_method, inputs=[method], outputs=[rank, alpha, options, targets], queue=False)
-    plan_inputs = [source, sample, upload, steps, repeats, batch, accum]
+    kind.change(on_kind, inputs=[kind], outputs=[subject_box, hipa_box, repeats, steps], queue=False)
+    plan_inputs = [kind, source, sample, upload, steps, repeats, batch, accum, pairs]
     for component in plan_inputs:
         component.change(on_plan, inputs=plan_inputs, outputs=[plan], queue=False)
     form = [base, source, sample, upload, prompt, name, method, rank, alpha, options, steps, repeats, lr, batch, accum,
             schedule, warmup, seed, targets, precision, validate_every, validation_steps, checkpoint_every,
-            checkpointing, flip, prior, class_prompt, class_images]
+            checkpointing, flip, prior, class_prompt, class_images, kind, pairs]
     start.click(submit, inputs=form, outputs=[job, submit_status], concurrency_id="jobs")
     stop.click(lambda j: act("stop", j), inputs=[job], outputs=[submit_status], concurrency_id="jobs")
     resume.click(lambda j: act("resume", j), inputs=[job], outputs=[submit_status], concurrency_id="jobs")

@@ -153,3 +153,16 @@ def test_grid_and_adapters_through_run_generate(tiny_sd_dir, tmp_path):
     full = np.asarray(run_generate(settings, pipe=pipe, adapters=[(folder, 1.0)])[0][0])
     assert np.array_equal(plain, zero) and not np.array_equal(plain, full)
     assert list(adapters.list_adapters(pipe.unet).values()) == [1.0]  # reused, only the weight changed
+
+
+def test_library_command(tmp_path, capsys):
+    from studio.cli import main
+
+    fake_adapter(tmp_path / "runs" / "r1" / "adapter")
+    assert main(["library", "--home", str(tmp_path), "add", str(tmp_path / "runs" / "r1"), "--name", "bag"]) == 0
+    assert main(["library", "--home", str(tmp_path), "rename", "bag", "bag2"]) == 0
+    capsys.readouterr()
+    assert main(["library", "--home", str(tmp_path), "list"]) == 0
+    assert capsys.readouterr().out.startswith("bag2 ")
+    assert main(["library", "--home", str(tmp_path), "delete", "nope"]) == 2  # one line, exit code 2
+    assert "no adapter named 'nope'" in capsys.readouterr().err
