@@ -69,11 +69,12 @@ def fitted_file(source, solver: str = "unipc") -> Path:
 
 
 def load_fitted(path) -> dict:
-    """Config overrides (dc_table, cpr_coeffs, guidance_scale) from a dc-search JSON file."""
+    """Config overrides from a dc-search JSON file: dc_table, cpr_coeffs, guidance_scale, and the scheduler
+    settings the ratios were fitted with (e.g. the timestep spacing), since ratios only hold for those."""
     data = json.loads(Path(path).read_text())
     table = [{"steps": int(e["steps"]), "guidance": float(e["guidance"]), "ratios": [float(r) for r in e["ratios"]]}
              for e in data.get("table", [])]
-    out = {"dc_table": table, "cpr_coeffs": data.get("cpr_coeffs")}
+    out = {**data.get("scheduler_overrides", {}), "dc_table": table, "cpr_coeffs": data.get("cpr_coeffs")}
     if data.get("default_guidance") is not None:
         out["guidance_scale"] = float(data["default_guidance"])
     return out
@@ -285,7 +286,7 @@ def fitted_for(pipe, solver: str = "unipc", guidance_scale=None) -> dict:
     """Config overrides with the ratios shipped for the pipeline's model (empty when none were fitted)."""
     source = getattr(pipe, "source", None)
     path = fitted_file(source, solver) if source else None
-    out = load_fitted(path) if path is not None and path.is_file() else {}
+    out = load_fitted(path) if path is not None and fits(path, pipe.scheduler.config) else {}
     if guidance_scale is not None:
         out["guidance_scale"] = float(guidance_scale)
     return out
@@ -298,13 +299,26 @@ def dc_solver_from_config(config):
 
     for name in EMBEDDED_SOURCES:
         path = fitted_file(name, "unipc")
-        if path.is_file() and scheduler_fingerprint(config) == json.loads(path.read_text()).get("scheduler_fingerprint"):
+        if fits(path, config):
             return DCSolverScheduler.from_config(config, **load_fitted(path))
     return DCSolverScheduler.from_config(config)
 
 
 def scheduler_fingerprint(config) -> dict:
-    """The scheduler settings fitted ratios depend on (beyond the model itself)."""
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing",
-            "steps_offset", "rescale_betas_zero_snr")
+    """The model's noise-schedule settings that fitted ratios depend on."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr")
     return {k: config.get(k) for k in keys}
+
+
+def fits(path, config) -> bool:
+    """Whether a fitted file exists and was fitted for a model with this noise schedule."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    recorded = json.loads(path.read_text()).get("scheduler_fingerprint")
+    if recorded is not None and recorded != scheduler_fingerprint(config):
+        import logging
+
+        logging.getLogger("pipelines").warning("ignoring %s: fitted for another noise schedule", path)
+        return False
+    return True

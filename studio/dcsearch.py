@@ -445,7 +445,8 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
             "algorithm_type", "use_karras_sigmas")
     return {
         "method": "dc-solver", "solver": solver, "base": str(getattr(pipe, "source", "")),
-        "scheduler_fingerprint": scheduler_fingerprint(scheduler.config),
+        "scheduler_fingerprint": scheduler_fingerprint(pipe.scheduler.config),
+        "scheduler_overrides": dict(scheduler_overrides or {}),
         "solver_config": {k: scheduler.config[k] for k in keep if k in scheduler.config},
         "fit_seeds": fit_seeds, "heldout_seeds": val_seeds, "prompts": prompts,
         "reference": {"sampler": {"dpm++": "DPM-Solver++(2M)", "ddim": "DDIM"}[reference], "steps": reference_steps,

@@ -254,3 +254,18 @@ def test_dpm_reference_is_aligned_and_accurate():
             exact = model.solve(noise, scheduler.sigmas[0], scheduler.sigmas[i])
             # the final step of any reference is D(x, t=1): exact up to ~sigma(1)^2 (a few 1e-6 here)
             assert ((state - exact) ** 2).mean() < (1e-5 if i == steps else 1e-7), (steps, i)
+
+
+def test_fitted_file_carries_its_grid_and_is_ignored_for_another_schedule(tmp_path):
+    from pipelines.dcsolver import fits, scheduler_fingerprint
+
+    path = tmp_path / "dc_solver.json"
+    path.write_text(json.dumps({"table": [{"steps": 5, "guidance": 3, "ratios": [1, 1, 0.9, 1, 1]}],
+                                "scheduler_overrides": {"timestep_spacing": "leading", "steps_offset": 1},
+                                "scheduler_fingerprint": scheduler_fingerprint(SD_SCHEDULER_CONFIG)}))
+    scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, **load_fitted(path), guidance_scale=3)
+    scheduler.set_timesteps(5)
+    assert scheduler.config.timestep_spacing == "leading" and int(scheduler.timesteps[0]) == 831
+    assert scheduler.compensation_ratios == [1, 1, 0.9, 1, 1]
+    assert fits(path, SD_SCHEDULER_CONFIG)
+    assert not fits(path, dict(SD_SCHEDULER_CONFIG, beta_schedule="squaredcos_cap_v2"))

@@ -9,6 +9,7 @@ accuracy and FD-classifier of the decoded images (stand-ins for CLIP score and F
 here (default 1000..) are disjoint from the seeds dc-search fits and validates ratios on (0..19), so
 DC-Solver is measured on held-out noise.
 """
+import json
 import time
 
 import torch
@@ -20,25 +21,28 @@ def add_arguments(p):
     p.add_argument("--guidance", default="1,default", help="guidance scales; 'default' = the model's own")
     p.add_argument("--samplers", default="dc-solver,unipc,dpm++,ddim,dc-dpm++",
                    help="comma-separated; dc-dpm++ runs only where fitted DPM-Solver++ ratios were shipped")
-    p.add_argument("--per-class", type=int, default=2, help="images per prompt class (9 classes)")
+    p.add_argument("--per-class", type=int, default=4, help="images per prompt class (9 classes)")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed (keep clear of dc-search's 0..19)")
     p.add_argument("--reference", default="dpm++", choices=["dpm++", "ddim"],
                    help="reference sampler: DPM-Solver++(2M) (default; ~100 of its steps are about as exact as 999 DDIM "
                         "steps) or DDIM (the paper's protocol: --reference ddim --reference-steps 999)")
     p.add_argument("--reference-steps", type=int, default=100, help="steps of the reference")
+    p.add_argument("--timestep-spacing", default="fitted", choices=["fitted", "model", "linspace", "leading", "trailing"],
+                   help="grid of every sampler: the one the shipped DC ratios were fitted on (default) or another")
     p.add_argument("--device", default="cpu")
 
 
-def _scheduler(pipe, name, guidance):
+def _scheduler(pipe, name, guidance, overrides):
+    """Every sampler on the same grid: the model's scheduler config plus the overrides (e.g. spacing)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     from pipelines.dcsolver import DCDPMSolverScheduler, DCSolverScheduler
 
-    config = pipe.scheduler.config
+    config = {**pipe.scheduler.config, **overrides}
     if name == "dc-solver":
-        return DCSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
+        return DCSolverScheduler.for_pipeline(pipe, guidance_scale=guidance, **overrides)
     if name == "dc-dpm++":
-        return DCDPMSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
+        return DCDPMSolverScheduler.for_pipeline(pipe, guidance_scale=guidance, **overrides)
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config)
     if name == "dpm++":
@@ -91,6 +95,13 @@ def bench_base(base, args, evaluator, rows, notes):
         notes.append(f"{base}: dc-dpm++ skipped (no fitted DPM-Solver++ ratios shipped)")
     if not fitted_file(base, "unipc").is_file():
         notes.append(f"{base}: no fitted DC-Solver ratios shipped: dc-solver runs with rho = 1 (= UniPC)")
+    overrides = {}
+    if args.timestep_spacing == "fitted" and fitted_file(base, "unipc").is_file():
+        overrides = json.loads(fitted_file(base, "unipc").read_text()).get("scheduler_overrides", {})
+    elif args.timestep_spacing not in ("fitted", "model"):
+        overrides = {"timestep_spacing": args.timestep_spacing, "steps_offset": int(args.timestep_spacing == "leading")}
+    if overrides:
+        notes.append(f"{base}: every sampler runs with {overrides} on top of the model's scheduler config")
     n = int(args.per_class)
     classes = [c for c in PRETRAINED_CLASSES for _ in range(n)]
     prompts = [prompt_for(c) for c in classes]
@@ -98,7 +109,7 @@ def bench_base(base, args, evaluator, rows, notes):
     for guidance in guidances:
         denoise = pipeline_denoiser(pipe, prompts, guidance)
         started = time.perf_counter()
-        probe = _scheduler(pipe, "unipc", guidance)
+        probe = _scheduler(pipe, "unipc", guidance, overrides)
         references = references_for(denoise, noise, probe, steps_list, args.reference_steps, method=args.reference)
         reference_final = references[steps_list[0]][-1]
         rows.append({"base": base, "guidance": guidance, "sampler": f"{args.reference}-reference", "steps": args.reference_steps,
@@ -110,7 +121,7 @@ def bench_base(base, args, evaluator, rows, notes):
             unipc_mse = None
             for name in samplers:
                 started = time.perf_counter()
-                final = sample(_scheduler(pipe, name, guidance), denoise, noise, steps)
+                final = sample(_scheduler(pipe, name, guidance, overrides), denoise, noise, steps)
                 row = {"base": base, "guidance": guidance, "sampler": name, "steps": steps, "mse": mse(final, target),
                        **_scores(evaluator, pipe, final, classes), "seconds": time.perf_counter() - started}
                 if name == "unipc":

@@ -11,6 +11,12 @@ def _numbers(text, kind, name):
     return values
 
 
+def spacing_overrides(spacing: str) -> dict:
+    if spacing == "model":
+        return {}
+    return {"timestep_spacing": spacing, "steps_offset": 1 if spacing == "leading" else 0}
+
+
 def add_arguments(p):
     p.add_argument("--base", default="embedded", help="embedded, embedded-dit, or a diffusers folder")
     p.add_argument("--steps", default="5,6,8,10", help="step counts to fit, comma-separated")
@@ -26,6 +32,9 @@ def add_arguments(p):
                    help="guidance the scheduler assumes when not told (default: the model's own, from studio.json)")
     p.add_argument("--refine", action="store_true",
                    help="after the paper's greedy per-step search, one sweep on the final error (more model calls)")
+    p.add_argument("--timestep-spacing", default="model", choices=["model", "linspace", "leading", "trailing"],
+                   help="fit (and ship) the ratios for this spacing; leading also sets steps_offset 1, as SD does "
+                        "(needed where a cosine schedule's t=999 blows up data prediction)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (fit: seed.., held out: seed+samples..)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="the JSON file to write (ship it as <model folder>/dc_solver.json)")
@@ -55,7 +64,7 @@ def run(args):
         default_guidance = float(default_sampling(args.base).get("guidance", 2.0))
     result = run_search(pipe, steps, guidances, samples=args.samples, solver=args.solver,
                         seed=args.seed, reference_steps=args.reference_steps, bounds=tuple(bounds),
-                        default_guidance=default_guidance, refine=args.refine, reference=args.reference,
+                        default_guidance=default_guidance, scheduler_overrides=spacing_overrides(args.timestep_spacing), refine=args.refine, reference=args.reference,
                         progress_factory=lambda total: tqdm(total=total, desc="dc-search", unit="call"))
     write_json(args.out, result)
     for entry in result["table"]:
