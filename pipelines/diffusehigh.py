@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pipelines.dwt import WAVELETS, dwt2, idwt2
 from pipelines.text2image import family_kwargs, make_scheduler, native_size, size_multiple
 
+MIN_VAE_TILE = 512  # pixels; the smallest VAE tile used above native size (SD1.5's own tile size)
 DEFAULTS = dict(strength=0.3, guidance_steps=5, wavelet="db4", sharpen=1.0, sharpen_sigma=(0.1, 2.0))
 
 
@@ -155,19 +156,28 @@ class _Codec:
 
     @contextmanager
     def bounded_memory(self, enabled: bool):
-        """VAE tiling and slicing while `enabled` (images above native size), restored afterwards."""
+        """VAE tiling and slicing while `enabled` (images above native size), restored afterwards. Tiles are
+        at least MIN_VAE_TILE pixels: memory stays bounded by one such tile, and small models (32 px VAEs)
+        are not cut into dozens of seamed tiles whose per-call overhead would dominate the run time."""
         vae = self.vae
         if vae is None or not enabled or not hasattr(vae, "enable_tiling"):
             yield
             return
-        before = (getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False))
+        names = ("use_tiling", "use_slicing", "tile_sample_min_size", "tile_latent_min_size")
+        before = {name: getattr(vae, name) for name in names if hasattr(vae, name)}
         vae.enable_tiling()
         if hasattr(vae, "enable_slicing"):
             vae.enable_slicing()
+        sample_tile = getattr(vae, "tile_sample_min_size", None)
+        if isinstance(sample_tile, int) and sample_tile < MIN_VAE_TILE and hasattr(vae, "tile_latent_min_size"):
+            factor = sample_tile / vae.tile_latent_min_size
+            vae.tile_sample_min_size = MIN_VAE_TILE
+            vae.tile_latent_min_size = int(MIN_VAE_TILE / factor)
         try:
             yield
         finally:
-            vae.use_tiling, vae.use_slicing = before
+            for name, value in before.items():
+                setattr(vae, name, value)
 
 
 # ---------------------------------------------------------------- model families: conditioning and calls

@@ -10,6 +10,15 @@ from pipelines.image_metrics import hf_energy_ratio, low_band_psnr
 PROMPT = "a photo of a dress"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a crowded 2-core machine two spinning threads per process run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -185,12 +194,21 @@ def test_dit_family_progressive_non_square_and_deterministic(pixart_pipe):
 
 
 def test_vae_tiling_is_on_only_above_native_size(pixart_pipe, monkeypatch):
+    from pipelines.diffusehigh import MIN_VAE_TILE
+
     vae = pixart_pipe.vae
     decode, seen = vae.decode, []
-    monkeypatch.setattr(vae, "decode", lambda z, **k: (seen.append((z.shape[-1], vae.use_tiling)), decode(z, **k))[1])
+    tile = vae.tile_sample_min_size
+
+    def spy(z, **kwargs):
+        seen.append((z.shape[-1], vae.use_tiling, vae.use_slicing, vae.tile_sample_min_size))
+        return decode(z, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", spy)
     diffusehigh(pixart_pipe, PROMPT, scales=(2,), steps=3, guidance=1.0, guidance_steps=1, output_type="pt")
-    assert (16, False) in seen and (32, True) in seen and all(tiled == (size > 16) for size, tiled in seen)
-    assert vae.use_tiling is False and vae.use_slicing is False  # restored
+    assert (16, False, False, tile) in seen and (32, True, True, MIN_VAE_TILE) in seen
+    assert all(tiled == (size > 16) for size, tiled, _, _ in seen)
+    assert (vae.use_tiling, vae.use_slicing, vae.tile_sample_min_size) == (False, False, tile)  # restored
 
 
 def test_works_with_dc_solver(sd_pipe):

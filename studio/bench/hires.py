@@ -24,6 +24,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--grid", default=None, help="also write a picture grid PNG here (rows: classes, columns: methods)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a crowded machine)")
 
 
 def _display(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -62,6 +63,8 @@ def run(args):
     from studio.evaluate import default_sampling, load_evaluator
     from studio.fashion import PRETRAINED_CLASSES, prompt_for
 
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
     pipe = load_pipeline(args.base, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     model = default_sampling(args.base)
