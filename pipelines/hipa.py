@@ -222,14 +222,20 @@ def seeded_noise(pipe, count: int, seed: int = 0, height=None, width=None):
 
 
 @torch.no_grad()
-def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidance: float = 2.0):
+def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidance: float = 2.0, spacing=None):
     """The frozen multi-step teacher: sample from the given noise with CFG; returns x0 latents (B, C, h, w).
+
+    spacing: None keeps the scheduler's timestep spacing; "leading" (steps_offset 0) starts below t = 999,
+    which a schedule with α_999 ≈ 0 needs (the embedded model: its x0 predictions at 999 blow up).
     The pipeline's scheduler is restored afterwards."""
     from pipelines.text2image import family_kwargs, make_scheduler
 
     previous = pipe.scheduler
     try:
         make_scheduler(pipe, scheduler)
+        if spacing:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing,
+                                                              steps_offset=0)
         factor = int(getattr(pipe, "vae_scale_factor", 1))
         out = pipe(list(prompts), latents=noise.to(pipe.device, pipe.unet.dtype), num_inference_steps=int(steps),
                    guidance_scale=float(guidance), height=noise.shape[-2] * factor, width=noise.shape[-1] * factor,
@@ -237,6 +243,15 @@ def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidanc
     finally:
         pipe.scheduler = previous
     return out.images.float().cpu()
+
+
+def teacher_images(pipe, prompt, num_images=1, seed=0, scheduler="default", steps=25, guidance=2.0, spacing=None):
+    """The teacher's images for seeds seed, seed+1, ... (the same noise `generate` and `one_step` draw)."""
+    latents = teacher_x0(pipe, [prompt] * int(num_images), seeded_noise(pipe, int(num_images), seed), scheduler,
+                         steps, guidance, spacing)
+    with torch.no_grad():
+        images = decode_latents(pipe.vae, latents.to(pipe.device, pipe.vae.dtype))
+    return pipe.image_processor.postprocess(images.float().cpu(), output_type="pil")
 
 
 # ----------------------------------------------------------------------------------------------------

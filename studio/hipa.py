@@ -16,7 +16,7 @@ import torch
 from studio.train import Objective
 
 MANIFEST = "manifest.json"
-MANIFEST_KEYS = ("base", "scheduler", "steps", "guidance", "prompts", "seed", "shard_size", "latent_shape")
+MANIFEST_KEYS = ("base", "scheduler", "steps", "guidance", "spacing", "prompts", "seed", "shard_size", "latent_shape")
 
 
 def default_prompts():
@@ -31,7 +31,7 @@ def _shard_path(folder: Path, index: int) -> Path:
 
 def build_teacher_cache(pipe, folder, count: int, prompts=None, scheduler="dpm++", steps: int = 25,
                         guidance: float = 2.0, seed: int = 0, shard_size: int = 32, base: str = "",
-                        progress=True, stop=None):
+                        progress=True, stop=None, spacing=None):
     """Generate `count` (prompt, noise, teacher x0) pairs into `folder`, skipping shards already on disk.
 
     A folder made with other settings is refused (one clear line) rather than silently mixed.
@@ -49,7 +49,7 @@ def build_teacher_cache(pipe, folder, count: int, prompts=None, scheduler="dpm++
         raise ValueError(f"the shard size must be at least 1, got {shard_size}")
     folder = Path(folder)
     manifest = {"base": str(base), "scheduler": scheduler, "steps": int(steps), "guidance": float(guidance),
-                "prompts": prompts, "seed": int(seed), "shard_size": int(shard_size),
+                "spacing": spacing, "prompts": prompts, "seed": int(seed), "shard_size": int(shard_size),
                 "latent_shape": list(latent_shape(pipe)), "count": int(count)}
     if (folder / MANIFEST).is_file():
         old = json.loads((folder / MANIFEST).read_text())
@@ -73,7 +73,7 @@ def build_teacher_cache(pipe, folder, count: int, prompts=None, scheduler="dpm++
         noise = torch.cat([seeded_noise(pipe, 1, seed=seed + i) for i in range(start, end)])
         index = torch.arange(start, end) % len(prompts)
         target = teacher_x0(pipe, [prompts[i] for i in index.tolist()], noise, scheduler=scheduler, steps=steps,
-                            guidance=guidance)
+                            guidance=guidance, spacing=spacing)
         with atomic_path(path) as tmp:
             save_file({"noise": noise.contiguous(), "target": target.contiguous(), "prompt_index": index},
                       str(tmp), metadata={"format": "pt"})
@@ -147,7 +147,10 @@ TRAIN_DEFAULTS = {"method": "lora", "rank": 4, "targets": "attn", "steps": 1500,
                   "lr_scheduler": "cosine", "warmup_steps": 50, "checkpoint_every": 100, "validate_every": 500,
                   "validation_steps": 1, "validation_guidance": 1.0, "validation_seeds": [0, 1]}
 # objective_options keys (TrainConfig.objective_options; part of the config a resume must match).
+# teacher_spacing "leading": the teacher's first step is below t = 999 (see pipelines.hipa.teacher_x0); "model"
+# keeps the scheduler's own spacing.
 OPTION_DEFAULTS = {"pairs": 512, "teacher_scheduler": "default", "teacher_steps": 25, "teacher_guidance": None,
+                   "teacher_spacing": "leading",
                    "prompts": None, "teacher_cache": None, "pair_seed": 0, "shard_size": 32, "timestep": None,
                    "loss": {}}
 
@@ -163,12 +166,21 @@ def hipa_config(settings: dict | None = None) -> dict:
     from pipelines.hipa import HiPALossConfig
 
     options["loss"] = HiPALossConfig.from_dict(_checked_loss(options["loss"])).to_dict()
+    _spacing(options["teacher_spacing"])
     if int(options["pairs"]) < 1:
         raise ValueError(f"HiPA needs at least 1 teacher pair, got pairs={options['pairs']}")
     config = {**TRAIN_DEFAULTS, **settings, "objective_options": options}
     if not config.get("validation_prompts"):
         config["validation_prompts"] = (options["prompts"] or default_prompts())[:3]
     return config
+
+
+def _spacing(value):
+    if value in (None, "", "model"):
+        return None
+    if value not in ("leading", "trailing", "linspace"):
+        raise ValueError(f"teacher spacing must be leading, trailing, linspace or model, got {value!r}")
+    return value
 
 
 def _checked_loss(loss: dict) -> dict:
@@ -226,7 +238,8 @@ class HiPAObjective(Objective):
             build_teacher_cache(pipe, folder, int(options["pairs"]), prompts=prompts,
                                 scheduler=options["teacher_scheduler"], steps=int(options["teacher_steps"]),
                                 guidance=float(guidance), seed=int(options["pair_seed"]),
-                                shard_size=int(options["shard_size"]), base=str(cfg.base), progress=not cfg.quiet)
+                                shard_size=int(options["shard_size"]), base=str(cfg.base), progress=not cfg.quiet,
+                                spacing=_spacing(options["teacher_spacing"]))
         run.accelerator.wait_for_everyone()
         manifest, pairs = load_teacher_cache(folder)
         if len(pairs["noise"]) < int(options["pairs"]):
@@ -243,7 +256,7 @@ class HiPAObjective(Objective):
         run.sample = self.sample_for(run)  # the loop's validation images become one-step samples
         unet_params = sum(p.numel() for p in pipe.unet.parameters())
         return {"objective": "hipa", "teacher_cache": str(folder), "teacher_pairs": int(len(self.noise)),
-                "teacher": {k: manifest[k] for k in ("scheduler", "steps", "guidance")}, "prompts": manifest["prompts"],
+                "teacher": {k: manifest.get(k) for k in ("scheduler", "steps", "guidance", "spacing")}, "prompts": manifest["prompts"],
                 "loss": self.loss_config.to_dict(), "unet_params": unet_params, "timestep": self.timestep}
 
     def sample_for(self, run):

@@ -5,6 +5,7 @@ and FID), the FD to the teacher's own images, high-frequency energy relative to 
 per image and model calls per image. Evaluation seeds start at 10,000 so they never overlap the seeds
 of the teacher pairs HiPA was trained on.
 """
+import json
 import time
 from pathlib import Path
 
@@ -17,10 +18,10 @@ DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "assets" / "hipa"
 def add_arguments(p):
     p.add_argument("--base", default="embedded", help="the model (embedded, or a diffusers folder)")
     p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="the HiPA adapter folder")
-    p.add_argument("--per-class", type=int, default=20, help="images per prompt class")
-    p.add_argument("--teacher-steps", type=int, default=25)
+    p.add_argument("--per-class", type=int, default=15, help="images per prompt class")
+    p.add_argument("--teacher-steps", type=int, default=None, help="default: the adapter's teacher (hipa.json)")
     p.add_argument("--dc-steps", type=int, default=5)
-    p.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: the model's own)")
+    p.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: the adapter's teacher, else the model's)")
     p.add_argument("--cutoff", type=float, default=0.25,
                    help="high-frequency cutoff as a fraction of Nyquist (pipelines.image_metrics.hf_energy_ratio)")
     p.add_argument("--grid", default=None, help="also write a picture grid PNG here (rows: methods, columns: classes)")
@@ -41,12 +42,24 @@ class CallCounter:
         self.handle.remove()
 
 
-def _methods(args, defaults):
+def teacher_settings(args) -> dict:
+    """The teacher the adapter was distilled from (its hipa.json), else the model's own sampler."""
+    from studio.evaluate import default_sampling
+
+    model = {"scheduler": "default", "guidance": 2.0, **default_sampling(args.base)}
+    info = Path(args.adapter) / "hipa.json"
+    teacher = json.loads(info.read_text()).get("teacher") or {} if info.is_file() else {}
+    return {"scheduler": teacher.get("scheduler") or "default", "steps": int(args.teacher_steps or teacher.get("steps") or 25),
+            "guidance": float(args.guidance if args.guidance is not None else teacher.get("guidance") or model["guidance"]),
+            "spacing": teacher.get("spacing"), "model_scheduler": model["scheduler"]}
+
+
+def _methods(args, teacher):
     from pipelines.text2image import SCHEDULERS
 
-    teacher = {"name": f"teacher ({defaults['scheduler']}, {args.teacher_steps} steps)", "kind": "multi",
-               "scheduler": defaults["scheduler"], "steps": args.teacher_steps}
-    rows = [teacher]
+    sampler = teacher["model_scheduler"] if teacher["scheduler"] == "default" else teacher["scheduler"]
+    spacing = f", {teacher['spacing']} spacing" if teacher["spacing"] else ""
+    rows = [{"name": f"teacher ({sampler}{spacing}, {teacher['steps']} steps)", "kind": "teacher", **teacher}]
     if "dc-solver" in SCHEDULERS:
         rows.append({"name": f"DC-Solver ({args.dc_steps} steps)", "kind": "multi", "scheduler": "dc-solver",
                      "steps": args.dc_steps})
@@ -56,7 +69,7 @@ def _methods(args, defaults):
 
 
 def _generate(pipe, method, prompt, count, seed, guidance):
-    from pipelines.hipa import drop_adapter, one_step
+    from pipelines.hipa import drop_adapter, one_step, teacher_images
     from pipelines.text2image import GenerationSettings, generate
 
     if method["kind"] == "one":
@@ -64,6 +77,8 @@ def _generate(pipe, method, prompt, count, seed, guidance):
             drop_adapter(pipe)
         return one_step(pipe, prompt, adapter=method["adapter"], num_images=count, seed=seed)
     drop_adapter(pipe)
+    if method["kind"] == "teacher":
+        return teacher_images(pipe, prompt, count, seed, method["scheduler"], method["steps"], guidance, method["spacing"])
     settings = GenerationSettings(prompt=prompt, steps=method["steps"], guidance=guidance, seed=seed,
                                   num_images=count, scheduler=method["scheduler"])
     return generate(pipe, settings)
@@ -73,7 +88,7 @@ def run(args):
     from pipelines import load_pipeline
     from pipelines.hipa import denoiser, drop_adapter
     from pipelines.image_metrics import hf_energy_ratio
-    from studio.evaluate import default_sampling, frechet_distance, load_evaluator, statistics
+    from studio.evaluate import frechet_distance, load_evaluator, statistics
     from studio.fashion import PRETRAINED_CLASSES, prompt_for
     from studio.hipa import adapter_summary
 
@@ -86,10 +101,10 @@ def run(args):
     pipe.set_progress_bar_config(disable=True)
     unet_params = sum(p.numel() for p in denoiser(pipe).parameters())  # before any adapter is attached
     evaluator = load_evaluator()
-    defaults = {"guidance": 2.0, "scheduler": "default", **default_sampling(args.base)}
-    guidance = float(defaults["guidance"]) if args.guidance is None else float(args.guidance)
+    teacher = teacher_settings(args)
+    guidance = teacher["guidance"]
     results, grids, teacher_stats, teacher_energy = [], [], None, None
-    for method in _methods(args, defaults):
+    for method in _methods(args, teacher):
         counter = CallCounter(denoiser(pipe))
         images_by_class, seconds = {}, 0.0
         for k, name in enumerate(PRETRAINED_CLASSES):
@@ -130,7 +145,7 @@ def run(args):
     if args.grid:
         write_grid(args.grid, grids, [r["method"] for r in results], PRETRAINED_CLASSES)
     drop_adapter(pipe)
-    return {"rows": results, "summary": summary, "per_class": args.per_class, "guidance": guidance,
+    return {"rows": results, "summary": summary, "per_class": args.per_class, "guidance": guidance, "teacher": teacher,
             "eval_seed": EVAL_SEED, "base": args.base, "adapter": str(args.adapter), "cutoff": args.cutoff,
             "columns": ["method", "prompt_accuracy", "fd", "fd_to_teacher", "hf_energy_vs_teacher", "ms_per_image",
                         "model_calls_per_image"],

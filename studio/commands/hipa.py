@@ -14,6 +14,8 @@ OPTION_FLAGS = {
     "teacher_scheduler": (str, "teacher sampler: default (the model's own), ddim, euler, unipc, dpm++, ..."),
     "teacher_steps": (int, "teacher sampling steps (default 25)"),
     "teacher_guidance": (float, "teacher CFG scale, baked into the adapter (default: the model's own)"),
+    "teacher_spacing": (str, "teacher timestep spacing: leading (default; first step below t=999), trailing, "
+                             "linspace, or model (the scheduler's own)"),
     "teacher_cache": (str, "folder for the teacher pairs (default RUN_DIR/teacher); reusable across runs"),
     "pair_seed": (int, "seed of pair 0's noise (pair i uses seed + i; default 0)"),
     "prompts": (str, "prompts for the pairs, separated by '|' (default: every pretrained class prompt)"),
