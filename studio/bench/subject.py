@@ -111,18 +111,19 @@ def _evaluate(args, method, run_dir, evaluate_base):
 
     pipe = load_pipeline(args.base, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    adapter = None
     if method == "full":
         from diffusers import UNet2DConditionModel
 
         pipe.unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").to(pipe.device)
     else:
-        adapter = str(run_dir / "adapter")
-    return evaluate_base(args.base, adapter=adapter, per_class=args.per_class, pipe=pipe, device=args.device)
+        from adapters import load_adapter
+
+        load_adapter(pipe.unet, run_dir / "adapter", name="subject")
+    return evaluate_base(args.base, per_class=args.per_class, pipe=pipe, device=args.device)
 
 
 def run(args):
-    from studio.evaluate import evaluate_base, load_evaluator
+    from studio.evaluate import default_sampling, evaluate_base, load_evaluator
     from studio.fashion import HELD_OUT
 
     import torch
@@ -146,6 +147,7 @@ def run(args):
              "prior_accuracy": round(base["prompt_accuracy"], 3), "prior_delta": 0.0, "fd": round(base["fd"], 3)}]
     curves, details = {}, {"base": base}
     every = args.curve_every or max(1, args.steps // 5)
+    sampling = default_sampling(args.base)  # learning-curve samples use the evaluation's guidance and steps
     for method in methods:
         if method not in METHODS and method != "full":
             rows.append({"method": method, "error": "not available in adapters.METHODS yet"})
@@ -154,7 +156,9 @@ def run(args):
         config = {"base": args.base, "images": str(images), "prompt": args.prompt, "method": method,
                   "steps": args.steps, "batch_size": args.batch_size, "device": args.device, "out": str(run_dir),
                   "validate_every": every, "validation_prompts": [args.prompt],
-                  "validation_seeds": list(range(args.curve_images)), "validation_steps": 20,
+                  "validation_seeds": list(range(args.curve_images)),
+                  "validation_steps": int(sampling.get("steps", 25)),
+                  "validation_guidance": float(sampling.get("guidance", 2.0)),
                   "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": 0, "cpu_threads": args.threads,
                   **METHOD_DEFAULTS.get(method, {}), **overrides.get("all", {}), **overrides.get(method, {})}
         print(f"[subject] {method}: training {args.steps} steps -> {run_dir}", file=sys.stderr, flush=True)
