@@ -12,6 +12,8 @@ from importlib import import_module
 COMMANDS = {
     "generate": ("studio.commands.generate", "generate images from a prompt"),
     "bench": ("studio.commands.bench", "run a benchmark suite (JSON + table)"),
+    "pretrain": ("studio.commands.pretrain", "train the embedded models from Fashion-MNIST (seeded, resumable)"),
+    "eval": ("studio.commands.eval", "prompt accuracy and FD-classifier of a base model (+ adapter)"),
     "hipa": ("studio.commands.hipa", "train a HiPA one-step adapter (shared training loop, resumable)"),
     "train": ("studio.commands.train", "fine-tune on a subject with any adapter (resumable)"),
     "jobs": ("studio.commands.jobs", "the training queue: list, submit, cancel, resume, worker"),
