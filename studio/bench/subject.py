@@ -181,6 +181,14 @@ def run(args):
                      "prior_accuracy": round(scores["prompt_accuracy"], 3),
                      "prior_delta": round(scores["prompt_accuracy"] - base["prompt_accuracy"], 3),
                      "fd": round(scores["fd"], 3)})
+        if args.json:  # a long benchmark keeps what it has measured if it is stopped part-way
+            from studio.files import write_json
+
+            write_json(args.json, _result(args, rows, curves, details, images))
+    return _result(args, rows, curves, details, images)
+
+
+def _result(args, rows, curves, details, images) -> dict:
     columns = ["method", "trainable_params", "adapter_bytes", "wall_seconds", "peak_mem_mb", "subject_accuracy",
                "prior_accuracy", "prior_delta", "fd", "error"]
     return {"rows": rows, "columns": columns, "curves": curves, "details": details, "steps": args.steps,
