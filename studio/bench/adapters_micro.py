@@ -11,6 +11,7 @@ beyond the frozen weights: activations saved for backward (unique storages, mode
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--sd15-latent", type=int, default=16, help="SD1.5 latent side (64 = 512px; 16 keeps CPU runs short)")
+    p.add_argument("--extra-rows", action="store_true", help="also full fine-tuning, SaRA on every tensor at the paper's "
+                   "budgets, TLoRA(2,6)/TLoRA*(2,4), with peak_live_MB (studio/bench/adapters_extra.py)")
 
 
 def _models(names, args):
@@ -156,6 +159,11 @@ def run(args):
             handle.detach()  # restores the model exactly: the next row starts from the same weights
             per_model.append({**row, "trainable": handle_count(params), "file_bytes": size, "step_ms": step_ms,
                               "memory_MB": mem})
+            print(f"adapters-micro: {per_model[-1]}", file=sys.stderr, flush=True)
+        if getattr(args, "extra_rows", False):
+            from studio.bench.adapters_extra import extra_rows
+
+            per_model += extra_rows(label, unet, batch, _measure, args, device)  # before PEFT is injected into unet
         peft = {"model": label, "method": "peft-lora", "rank": args.rank,
                 **_peft_row(unet, target_names or targets, args.rank, batch, args, device)}
         lora = next((r for r in per_model if r["method"] == "lora"), None)
@@ -171,6 +179,8 @@ def run(args):
         "saved activations (unique storages, excluding weights) + 4x trainable bytes (param, grad, 2 AdamW moments)"
     columns = ["model", "method", "rank", "trainable", "file_bytes", "step_ms", "memory_MB", "step_vs_peft",
                "memory_vs_peft", "step_vs_lora", "memory_vs_lora"]
+    if getattr(args, "extra_rows", False):
+        columns.append("peak_live_MB")
     return {"rows": rows, "columns": columns, "models": notes, "memory": memory_kind, "targets": args.targets,
             "batch": args.batch, "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup, "text_tokens": TEXT_TOKENS}
 
