@@ -328,3 +328,23 @@ def test_training_memory_is_below_full_fine_tuning():
     assert frozen_grads == [] and 0 < selected < 0.02 * weights / 4
     assert full >= 3 * weights
     assert ours < 1.2 * weights < full / 2
+
+
+def test_export_lora_keeps_the_weight_deltas(tmp_path):
+    from safetensors.torch import load_file
+
+    from adapters import export_lora
+
+    model = _mlp()
+    handle = attach(model, AdapterConfig(method="sara", targets="all", options={"threshold": 5e-3}))
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    report = export_lora(model, tmp_path / "lora", rank=16, format="diffusers")
+    assert set(report["layers"]) == {"0", "2"} and set(report["skipped"]) <= {"0.bias", "2.bias"}
+    tensors = load_file(report["path"])
+    for path in ("0", "2"):
+        layer = handle.layers[f"{path}.weight"]
+        w = model.get_submodule(path).parametrizations.weight.original
+        rebuilt = tensors[f"transformer.{path}.lora_B.weight"] @ tensors[f"transformer.{path}.lora_A.weight"]
+        torch.testing.assert_close(rebuilt, layer.delta_weight(w), rtol=1e-4, atol=1e-6)  # full rank: exact

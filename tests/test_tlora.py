@@ -149,7 +149,7 @@ def expected_count(module, transform_rank, residual, rank):
 
 
 @pytest.mark.parametrize("family,residual,targets", [
-    ("unet", "tr", "attn+ff+conv"), ("pixart", "tr", "attn+ff"), ("sd3", "lora", "attn+ff"),
+    ("unet", "tr", "attn+conv"), ("pixart", "tr", "attn+ff"), ("sd3", "lora", "attn"),
     pytest.param("unet", "lora", "attn+ff+conv", marks=pytest.mark.slow)])  # conv LoRA residual: also below
 def test_invariants(family, residual, targets, tmp_path):
     model = fresh(family)
@@ -246,3 +246,23 @@ def test_bad_options_and_factor_override():
                                                       options={"factors": {"12": [3, 4], "6": [2, 3]}}))
     assert handle.layers["0"].factors["in"] == (3, 4)
     assert handle.num_trainable() == 2 ** 2 * (9 + 16) + 1 * (2 + 3 + 3 + 4)
+
+
+def test_export_lora_reproduces_the_delta(tmp_path):
+    from safetensors.torch import load_file
+
+    from adapters import export_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Conv2d(8, 6, 3, padding=1))
+    w0 = [model[0].weight.detach().clone(), model[1].weight.detach().clone()]
+    handle = attach(model, AdapterConfig(method="tlora", rank=2, targets=["0", "1"]))
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    report = export_lora(model, tmp_path / "lora", rank=8, format="kohya")
+    tensors = load_file(report["path"])
+    for i, (path, w) in enumerate(zip(["0", "1"], w0)):
+        up, down = tensors[f"lora_transformer_{path}.lora_up.weight"], tensors[f"lora_transformer_{path}.lora_down.weight"]
+        rebuilt = (up.flatten(1) @ down.flatten(1)).view(w.shape)
+        torch.testing.assert_close(rebuilt, handle.layers[path].delta_weight(w), rtol=1e-4, atol=1e-5)
