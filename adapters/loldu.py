@@ -75,7 +75,7 @@ class LoLDU(AdapterLayer):
 
     def forward_delta(self, x, base, base_out):
         x = self.dropout(x).to(self.loldu_U.dtype)
-        c = self._coefficients()
+        c = self._coefficients().to(x.dtype)  # fp32 trainables on a half-precision base
         if isinstance(base, nn.Linear):
             return F.linear(F.linear(x, self.loldu_U) * c, self.loldu_PL)
         U = self.loldu_U.view(self.rank, *self._kernel)

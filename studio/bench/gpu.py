@@ -44,7 +44,8 @@ def _build_unet(args, device, dtype):
     else:
         config = SD15_UNET if device.type == "cuda" and not args.small else SMALL_UNET
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**config)
+        with torch.device(device):  # initialise in place: an 860M UNet is slow to build on the CPU
+            unet = UNet2DConditionModel(**config)
     return unet.to(device=device, dtype=dtype)
 
 
@@ -200,6 +201,8 @@ def run(args):
             except torch.OutOfMemoryError:
                 rows.append({"variant": variant, "batch": batch, "note": "out of memory"})
                 torch.cuda.empty_cache()
+            except RuntimeError as exc:  # a method that cannot run in this precision: report, keep going
+                rows.append({"variant": variant, "batch": batch, "note": str(exc).splitlines()[0][:120]})
     attentions = ["sdpa"]
     try:
         import xformers.ops  # noqa: F401
