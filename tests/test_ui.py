@@ -166,3 +166,32 @@ def test_library_command(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("bag2 ")
     assert main(["library", "--home", str(tmp_path), "delete", "nope"]) == 2  # one line, exit code 2
     assert "no adapter named 'nope'" in capsys.readouterr().err
+
+
+def test_generate_form_to_run_generate_arguments(tmp_path):
+    """What the Generate tab hands run_generate: scheduler, hi-res stages, adapters, one-step with a HiPA adapter."""
+    from studio.ui import UIContext
+    from studio.ui_generate import NO_ADAPTER, parse_request
+
+    ctx = UIContext(base="embedded", home=tmp_path)
+    fake_adapter(tmp_path / "adapters" / "fast", hipa=True)
+    fake_adapter(tmp_path / "adapters" / "bag")
+
+    def form(prompt="a photo of a bag", seed=5, scheduler="dc-solver", hires="off", one_step=False, slots=()):
+        return parse_request(ctx, prompt, "", seed, 20, 2.0, 0, 0, scheduler, "embedded", hires, one_step, list(slots))
+
+    settings, kwargs = form(hires="4x", slots=[("bag", 0.5), (NO_ADAPTER, 1.0)])
+    assert settings.scheduler == "dc-solver" and settings.extra["Hires"] == "2,4" and settings.seed == 5
+    assert kwargs["adapters"] == [(str(tmp_path / "adapters" / "bag"), 0.5)]
+    settings, kwargs = form(one_step=True, slots=[("fast", 1.0), ("bag", 0.7)])
+    assert settings.extra["One-step"] == str(tmp_path / "adapters" / "fast") and settings.steps == 1
+    assert kwargs["adapters"] == [(str(tmp_path / "adapters" / "bag"), 0.7)]
+    assert form(seed=-1)[0].seed >= 0
+    with pytest.raises(ValueError, match="exactly one HiPA adapter"):
+        form(one_step=True, slots=[("bag", 1.0)])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        form(one_step=True, hires="2x", slots=[("fast", 1.0)])
+    with pytest.raises(ValueError, match="write a prompt"):
+        form(prompt="  ")
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        form(slots=[("nope", 1.0)])

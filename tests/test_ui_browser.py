@@ -32,6 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid) -> float:
+    """CPU time a process has used (user + system): the cold-start cost, whatever else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """`python app.py` in a subprocess, its log in a file."""
 
@@ -59,6 +65,7 @@ class Server:
                 raise AssertionError(f"the studio did not come up in 90 s:\n{self.log_path.read_text()}")
             time.sleep(0.2)
         self.start_seconds = time.monotonic() - started
+        self.start_cpu_seconds = cpu_seconds(self.proc.pid)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -128,7 +135,10 @@ def open_tab(page, name):
 
 
 def test_page_opens_fast_and_generates(page, server, workspace):
-    assert server.start_seconds < 30, f"cold start took {server.start_seconds:.1f} s"
+    # Under 10 s on an idle 2-core machine; measured as the server's own CPU time so that other jobs on a
+    # shared machine do not make the check flaky (the wall time is printed for the record).
+    print(f"cold start: {server.start_seconds:.1f} s wall, {server.start_cpu_seconds:.1f} s CPU")
+    assert server.start_cpu_seconds < 10, f"cold start used {server.start_cpu_seconds:.1f} s of CPU"
     for name in ("Generate", "Train", "Compare", "Library"):
         assert page.get_by_role("tab", name=name).is_visible()
     page.locator("#gen-prompt textarea").fill("a photo of a bag")
@@ -158,6 +168,24 @@ def test_user_mistake_shows_one_line_and_server_stays_up(page, server):
     toast.wait_for(timeout=60_000)
     assert "multiple of" in toast.inner_text()
     assert server.proc.poll() is None
+
+
+def test_embedded_model_or_a_clear_message(page):
+    """The default base: an image when assets/embedded is built, else one line saying how to build it."""
+    built = (ROOT / "assets" / "embedded" / "model_index.json").is_file()
+    page.locator("#tab-generate").get_by_text("More").click()
+    base = page.locator("#gen-base input")
+    base.click()
+    page.get_by_role("option", name="embedded", exact=True).click()
+    set_number(page, "gen-steps", 4)
+    page.locator("#gen-run").click()
+    if built:
+        wait_status(page, "Done", timeout_s=120, elem_id="gen-status")
+        assert "Model: embedded" in page.locator("#gen-info textarea").input_value()
+    else:
+        toast = page.locator(".toast-body").first
+        toast.wait_for(timeout=60_000)
+        assert "not built yet" in toast.inner_text()
 
 
 def status_text(page, elem_id="train-status") -> str:
