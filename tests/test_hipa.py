@@ -212,3 +212,23 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     assert info["teacher"]["steps"] == 2 and info["teacher_pairs"] == 2 and info["timestep"] == 999
     assert len(hipa.one_step(__import__("pipelines").load_pipeline(str(tiny_sd_dir), device="cpu"), "a photo of a bag",
                              adapter=run_dir / "adapter")) == 1
+
+
+def test_shipped_adapter_runs_on_the_embedded_model():
+    from pathlib import Path
+
+    from pipelines import load_pipeline
+
+    root = Path(__file__).resolve().parent.parent / "assets"
+    if not (root / "embedded" / "model_index.json").is_file():
+        pytest.skip("the embedded model is not built")
+    pipe = load_pipeline("embedded", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    batches = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        images = hipa.one_step(pipe, "a photo of a sneaker", adapter=root / "hipa", num_images=2)
+    finally:
+        hook.remove()
+    assert len(images) == 2 and batches == [2] and images[0].size == (32, 32)
+    assert pipe.scheduler.__class__.__name__ == "UniPCMultistepScheduler"  # restored after the one step
