@@ -313,3 +313,38 @@ def test_restart_shows_the_same_jobs(browser, server, tiny_sd_dir, workspace, tm
         context.close()
     finally:
         again.stop()
+
+
+@pytest.mark.slow
+def test_a_queue_of_jobs_runs_one_after_another(browser, tiny_sd_dir, tmp_path):
+    """Two jobs started from the page: the worker runs them in order, never both at once."""
+    from studio.jobs import JobStore
+
+    home = tmp_path / "home"
+    srv = Server(tiny_sd_dir, home, tmp_path / "serve.log")
+    try:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(srv.url)
+        open_tab(page, "Train")
+        page.locator("#train-source").get_by_text("My images (upload)").click()
+        page.locator("#train-upload input[type=file]").set_input_files([str(p) for p in subject_images(tmp_path / "up")])
+        page.wait_for_function("document.querySelector('#train-plan').innerText.includes('4 images')")
+        set_number(page, "train-steps", 3)
+        page.locator("#train-advanced").get_by_text("Advanced").click()
+        set_number(page, "train-validate-every", 0)
+        set_number(page, "train-validation-steps", 1)
+        for name in ("first", "second"):
+            page.locator("#train-name input, #train-name textarea").first.fill(name)
+            page.locator("#train-start").click()
+            wait_status(page, f"Queued job", timeout_s=60, elem_id="train-submit-status")
+            page.wait_for_function(f"document.querySelector('#train-submit-status').innerText.includes({name!r})")
+        page.wait_for_function("document.querySelector('#train-jobs').innerText.split('done').length - 1 >= 2",
+                               timeout=600_000)
+        first, second = sorted(JobStore(home).list(), key=lambda j: j.id)
+        assert first.state == second.state == "done"
+        assert second.started >= first.finished  # one after another
+        context.close()
+    finally:
+        srv.stop()
