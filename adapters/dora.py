@@ -33,16 +33,20 @@ class DoRA(AdapterLayer):
         out_f, in_f, kernel = layer_shape(base)
         return cfg.rank * (in_f * math.prod(kernel) + out_f) + out_f
 
+    def _combined(self, weight):
+        return weight.to(self.lora_A.dtype) + self.scale * low_rank_delta(self.lora_A, self.lora_B, weight.shape)
+
     def _ratio(self, weight):
-        combined = weight.to(self.lora_A.dtype) + self.scale * low_rank_delta(self.lora_A, self.lora_B, weight.shape)
-        return self.dora_magnitude / row_norm(combined).detach(), combined
+        with torch.no_grad():  # n is a constant for autograd: build no graph (and save no weight-sized tensor)
+            norm = row_norm(self._combined(weight))
+        return self.dora_magnitude / norm
 
     def delta_weight(self, weight):
-        ratio, combined = self._ratio(weight)
-        return ratio.view(-1, *(1,) * (weight.dim() - 1)) * combined - weight
+        ratio = self._ratio(weight)
+        return ratio.view(-1, *(1,) * (weight.dim() - 1)) * self._combined(weight) - weight
 
     def forward_delta(self, x, base, base_out):
-        ratio, _ = self._ratio(base.weight)
+        ratio = self._ratio(base.weight)
         x = x.to(self.lora_A.dtype)
         dropped = self.dropout(x)
         if isinstance(self.dropout, nn.Identity) or not self.training:  # reuse base(x) minus bias, as PEFT does
