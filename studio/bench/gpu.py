@@ -29,6 +29,7 @@ def add_arguments(p):
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--base", default=None, help="a local diffusers folder whose UNet to use instead of random init")
     p.add_argument("--small", action="store_true", help="use the small UNet even on CUDA (for testing)")
+    p.add_argument("--compile", action="store_true", help="also time each variant with torch.compile(unet)")
 
 
 def _sync(device):
@@ -85,10 +86,17 @@ def _flops_per_step(unet, inputs):
     return counter.get_total_flops()
 
 
-def _train_row(args, variant, batch, device, dtype):
+def _train_row(args, variant, batch, device, dtype, compile_unet=False):
+    import gc
+
+    gc.collect()  # earlier rows' modules hold reference cycles: free them before measuring this row
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     unet = _build_unet(args, device, dtype)
     params = _prepare(unet, variant, args.rank)
     unet.train()
+    model = torch.compile(unet) if compile_unet else unet
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     size = unet.config.sample_size
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -98,7 +106,7 @@ def _train_row(args, variant, batch, device, dtype):
     target = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
 
     def step():
-        pred = unet(latents, timesteps, text).sample
+        pred = model(latents, timesteps, text).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         loss.backward()
         optimizer.step()
@@ -118,7 +126,7 @@ def _train_row(args, variant, batch, device, dtype):
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     flops = _flops_per_step(unet, (latents, timesteps, text))
     seconds = statistics.median(times)
-    row = {"variant": variant, "batch": batch, "trainable_params": sum(p.numel() for p in params),
+    row = {"variant": variant + ("+compile" if compile_unet else ""), "batch": batch, "resident_before_mib": resident, "trainable_params": sum(p.numel() for p in params),
            "step_ms": 1000 * seconds, "peak_mem_mib": peak, "tflops": flops / seconds / 1e12}
     del unet, optimizer, params
     if device.type == "cuda":
@@ -132,7 +140,11 @@ def _sampling_row(args, attention, device, dtype, batch=4):
 
     unet = _build_unet(args, device, dtype).eval()
     if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
+        # Set the processor directly: diffusers' enable_xformers probe runs an fp32 query, which builds of
+        # xformers without their own CUDA kernels refuse even though the bf16 path (PyTorch's flash op) works.
+        from diffusers.models.attention_processor import XFormersAttnProcessor
+
+        unet.set_attn_processor(XFormersAttnProcessor())
     vae_config = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     if device.type != "cuda" or args.small:
@@ -198,6 +210,8 @@ def run(args):
         for variant in variants:
             try:
                 rows.append(_train_row(args, variant, batch, device, dtype))
+                if args.compile:
+                    rows.append(_train_row(args, variant, batch, device, dtype, compile_unet=True))
             except torch.OutOfMemoryError:
                 rows.append({"variant": variant, "batch": batch, "note": "out of memory"})
                 torch.cuda.empty_cache()
@@ -212,7 +226,10 @@ def run(args):
     except ImportError:
         pass
     for attention in attentions:
-        rows.append(_sampling_row(args, attention, device, dtype))
+        try:
+            rows.append(_sampling_row(args, attention, device, dtype))
+        except (RuntimeError, NotImplementedError) as exc:
+            rows.append({"variant": f"sampling-{attention}", "note": str(exc).splitlines()[0][:120]})
     peak = _bf16_peak_tflops(device)
     for row in rows:
         if "tflops" in row and peak == peak:
