@@ -75,7 +75,15 @@ def set_attention(pipe, attention: str = "auto") -> str:
     if attention == "xformers" and not xformers_ok:
         raise PipelineLoadError("xformers attention needs a CUDA device and the xformers package (pip install '.[cuda]')")
     if xformers_ok:
-        pipe.enable_xformers_memory_efficient_attention()
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+        except (NotImplementedError, RuntimeError, ValueError) as exc:
+            # Installed but unusable (e.g. built for another torch/CUDA): say so, fall back to SDPA under "auto".
+            if attention == "xformers":
+                raise PipelineLoadError(f"xformers is installed but unusable here: {str(exc).splitlines()[0]}") from exc
+            log.warning("xformers unusable (%s); using SDPA", str(exc).splitlines()[0])
+            xformers_ok = False
+    if xformers_ok:
         backend = "xformers"
     else:
         if getattr(pipe, "attention_backend", None) == "xformers":
