@@ -238,7 +238,7 @@ def evaluate_base(base="embedded", adapter=None, per_class=20, steps=25, guidanc
         generated[name] = generate(pipe, settings)
         per_class_acc[name] = evaluator.prompt_accuracy(generated[name], name)
         if progress:
-            progress(i + 1, len(classes), name)
+            progress(i + 1, len(classes), name, per_class_acc[name])
     seconds = time.perf_counter() - began
     pretrained = [c for c in classes if c != fashion.HELD_OUT]
     pooled = [im for c in pretrained for im in generated[c]]

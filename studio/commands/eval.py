@@ -19,8 +19,8 @@ def run(args):
     from studio.evaluate import evaluate_base
     from studio.files import write_json
 
-    def progress(done, total, name):
-        print(f"  [{done}/{total}] {name}", file=sys.stderr)
+    def progress(done, total, name, accuracy):
+        print(f"  [{done}/{total}] {name}: {accuracy:.2f}", file=sys.stderr)
 
     result = evaluate_base(args.base, adapter=args.adapter, per_class=args.per_class, steps=args.steps,
                            guidance=args.guidance, scheduler=args.scheduler, seed=args.seed, device=args.device,
