@@ -162,7 +162,7 @@ def write_grid(path, rows, row_names, column_names, scale=3):
     from studio.files import atomic_path
 
     cell = rows[0][0].width * scale
-    left, top = 150, 16
+    left, top = 240, 16
     grid = Image.new("RGB", (left + cell * len(column_names), top + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for c, name in enumerate(column_names):
