@@ -319,6 +319,6 @@ def fits(path, config) -> bool:
     if recorded is not None and recorded != scheduler_fingerprint(config):
         import logging
 
-        logging.getLogger("pipelines").warning("ignoring %s: fitted for another noise schedule", path)
+        logging.getLogger("pipelines").info("not using %s: fitted for another noise schedule", path)
         return False
     return True
