@@ -96,6 +96,10 @@ def read_adapter(path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
     except Exception as err:  # safetensors raises its own error types for truncated/corrupted files
         raise ValueError(f"{weights_path} is corrupted or truncated ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                          f"save the adapter again") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path} holds NaN or infinite values (tensor {key!r}); the adapter is broken: "
+                             f"train or save it again")
     return cfg, raw, tensors
 
 

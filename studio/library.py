@@ -137,25 +137,47 @@ def unique_name(name: str, home=None) -> str:
     return candidate
 
 
+def check_adapter_files(folder) -> None:
+    """A cheap check before a folder enters the library (no torch): the config is a non-empty JSON object.
+    The weights are checked when the adapter is loaded (adapters.io.read_adapter: one-line errors)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise LibraryError(f"{folder / CONFIG_NAME} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict) or not config:
+        raise LibraryError(f"{folder / CONFIG_NAME} is not an adapter config (empty or not an object)")
+
+
 def add_adapter(source_dir, name: str, home=None, overwrite: bool = False) -> Path:
-    """Copy an adapter folder (config + weights) into the library under `name`."""
+    """Copy an adapter folder (config + weights) into the library under `name`. The copy is checked and
+    complete before it replaces an existing adapter of that name, so a failed overwrite loses nothing."""
     source_dir = Path(source_dir)
     if not is_adapter_dir(source_dir):
         raise LibraryError(f"{source_dir} is not an adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     target = adapters_dir(home) / check_name(name)
-    if target.exists():
-        if not overwrite:
-            raise LibraryError(f"the library already has an adapter named '{name}'")
-        shutil.rmtree(target)
+    if target.exists() and not overwrite:
+        raise LibraryError(f"the library already has an adapter named '{name}'")
+    check_adapter_files(source_dir)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for file in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy2(source_dir / file, tmp / file)
-    for extra in source_dir.glob("*.json"):  # notes beside the adapter (hipa.json, ...); JSON only
-        if extra.name != CONFIG_NAME and extra.is_file():
-            shutil.copy2(extra, tmp / extra.name)
-    os.replace(tmp, target)
+    try:
+        for file in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copy2(source_dir / file, tmp / file)
+        for extra in source_dir.glob("*.json"):  # notes beside the adapter (hipa.json, ...); JSON only
+            if extra.name != CONFIG_NAME and extra.is_file():
+                shutil.copy2(extra, tmp / extra.name)
+        if target.exists():
+            trash = target.with_name(f".{target.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(target, trash)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

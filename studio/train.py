@@ -163,6 +163,12 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adamw or adamw8bit")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"unknown mixed-precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
+        for name in ("alpha", "adapter_dropout", "weight_decay", "max_grad_norm", "snr_gamma", "ema_decay",
+                     "caption_dropout", "prior_loss_weight", "validation_guidance"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name.replace('_', '-')} must be a number, got {value!r}")
         if not 0.0 <= float(self.caption_dropout) < 1.0:
             raise ValueError(f"caption-dropout must be in [0, 1), got {self.caption_dropout!r}")
         if self.ema_decay is not None and not 0.0 < float(self.ema_decay) < 1.0:
