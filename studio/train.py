@@ -58,7 +58,7 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Keys that may differ on --resume without changing the weights the run produces.
-RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet",
+RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
                "validation_prompts", "validation_seeds", "validation_steps", "validation_guidance"}
 
 
@@ -111,6 +111,7 @@ class TrainConfig:
     validation_seeds: list = _fl([0, 1], "fixed seeds for validation samples", item=int)
     validation_steps: int = _f(20, "sampling steps for validation samples")
     validation_guidance: float = _f(2.0, "guidance scale for validation samples")
+    max_nan_steps: int = _f(5, "a step whose loss is NaN/inf is skipped (no update); stop after this many in a row")
     checkpoint_every: int = _f(100, "write a resumable checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = _f(2, "keep only the newest N checkpoints")
     device: str = _f(None, "cpu or cuda (default: what accelerate picks)")
@@ -149,7 +150,7 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be a {'non-negative' if allow_zero else 'positive'} whole number, got {value!r}")
 
         for name in ("steps", "batch_size", "grad_accum", "repeats", "rank", "class_images", "validation_steps",
-                     "class_sampling_steps"):
+                     "class_sampling_steps", "max_nan_steps"):
             positive(name)
         for name in ("warmup_steps", "validate_every", "checkpoint_every", "keep_checkpoints", "seed"):
             positive(name, allow_zero=True)
@@ -893,7 +894,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         _validate(run, trainable, ema, 0, emit)
     bar.start(start)
 
-    step = start
+    step, nan_in_a_row = start, 0
     run_started = time.time() - elapsed
     while step < config.steps:
         if _should_stop(stop, accelerator):
@@ -917,22 +918,35 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                 for k, v in logs.items():
                     extra[k] = extra.get(k, 0.0) + v / config.grad_accum
                 if accelerator.sync_gradients:
-                    if config.max_grad_norm:
+                    # NaN guard: a non-finite loss (on any process) skips this update; the weights stay good.
+                    finite = torch.isfinite(torch.stack(losses)).all().to(accelerator.device).float()
+                    finite = bool(accelerator.reduce(finite, "sum").item() == accelerator.num_processes)
+                    if finite and config.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable.params, config.max_grad_norm)
-                    skip = trainable.on_step(step, optimizer)
+                    skip = (not finite) or trainable.on_step(step, optimizer)
                     if not skip:
                         optimizer.step()
                     with warnings.catch_warnings():  # a skipped update (method hook) is deliberate
                         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                         schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
         step += 1
         loss_value = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), "mean").item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"the loss became {loss_value} at step {step}: lower --lr, or use "
-                                     f"--mixed-precision bf16/no instead of fp16")
+            nan_in_a_row += 1
+            if is_main:
+                log_file.append({"step": step, "event": "nan_loss", "loss": str(loss_value), "skipped": True,
+                                 "in_a_row": nan_in_a_row})
+                say(f"step {step}: loss is {loss_value}; update skipped ({nan_in_a_row} in a row)")
+            if nan_in_a_row >= config.max_nan_steps:
+                last = folder.latest_checkpoint()
+                raise NonFiniteLoss(f"the loss was NaN/inf for {nan_in_a_row} steps in a row (up to step {step}): "
+                                    f"lower --lr, or use --mixed-precision bf16/no instead of fp16; last good "
+                                    f"checkpoint: {last.name if last else 'none'}")
+            continue
+        nan_in_a_row = 0
+        if ema is not None:
+            ema.update()
         seconds = time.time() - tick
         if is_main:
             record = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(seconds, 4),
@@ -962,6 +976,10 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         say(f"done: {result}")
     accelerator.wait_for_everyone()
     return folder.path
+
+
+class NonFiniteLoss(ValueError, FloatingPointError):
+    """Training stopped because the loss stayed NaN/inf (a ValueError: the CLI prints one line)."""
 
 
 def _should_stop(stop, accelerator) -> bool:
