@@ -351,6 +351,11 @@ class RunFolder:
                 for p in parent.iterdir():
                     if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
+        # Temp files of atomic writes (studio.files.atomic_path: '.<name>.<random>.tmp') cut off by a kill.
+        if self.path.is_dir():
+            for p in self.path.rglob(".*.tmp"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
 
     def read_config(self):
         import yaml
@@ -645,24 +650,34 @@ class SubjectObjective(Objective):
 
         cfg, gen = run.config, run.generator
         batch = cfg.batch_size
+        processes, rank = run.accelerator.num_processes, run.accelerator.process_index
         # Global example counter of this process's slice of this micro-batch: a pure function of the step.
-        start = ((step * cfg.grad_accum + micro) * run.accelerator.num_processes + run.accelerator.process_index) * batch
+        start = ((step * cfg.grad_accum + micro) * processes + rank) * batch
         count = len(self.latents)
         picks = [i % count for i in example_indices(cfg.seed, count * cfg.repeats, start, batch)]
+
+        def draw(make, *shape):
+            """Draw for the whole global micro-batch (the generator is the same on every process) and keep
+            this process's share, so N processes see exactly the randomness of one process with N x the batch."""
+            return make((batch * processes, *shape), generator=gen)[rank * batch:(rank + 1) * batch]
+
         latents = self.latents[picks]
         if self.flipped is not None:
-            flip = torch.rand(batch, generator=gen) < 0.5
+            flip = draw(torch.rand) < 0.5
             latents = torch.where(flip[:, None, None, None], self.flipped[picks], latents)
         embeds = self.embeds[self.caption_index[picks]]
         if cfg.caption_dropout:
-            drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
+            drop = draw(torch.rand) < cfg.caption_dropout
             embeds = torch.where(drop[:, None, None], self.empty.expand_as(embeds), embeds)
+        steps_total = self.noise_scheduler.config.num_train_timesteps
+        noise = draw(torch.randn, *latents.shape[1:])
+        timesteps = draw(lambda shape, generator: torch.randint(0, steps_total, shape, generator=generator))
         if self.class_latents is not None:
             cpicks = example_indices(cfg.seed + 1, len(self.class_latents), start, batch)
             latents = torch.cat([latents, self.class_latents[cpicks]])
             embeds = torch.cat([embeds, self.class_embeds.expand(batch, *self.class_embeds.shape)])
-        noise = torch.randn(latents.shape, generator=gen)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+            noise = torch.cat([noise, draw(torch.randn, *latents.shape[1:])])
+            timesteps = torch.cat([timesteps, draw(lambda shape, generator: torch.randint(0, steps_total, shape, generator=generator))])
         latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)
         embeds = embeds.to(run.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -693,7 +708,8 @@ class Run:
         self.config, self.folder, self.accelerator, self.pipe, self.say = config, folder, accelerator, pipe, say
         self.device = accelerator.device
         self.unet = pipe.unet
-        self.generator = torch.Generator().manual_seed(int(config.seed) * 7919 + accelerator.process_index)
+        # The same stream on every process: objectives draw for the global batch and keep their share.
+        self.generator = torch.Generator().manual_seed(int(config.seed) * 7919)
         self.sample = None  # an objective may set sample(settings) -> PIL image for its validation images (HiPA: one step)
 
 
