@@ -195,7 +195,7 @@ def attach_adapter(pipe, adapter, weight: float = 1.0):
     if not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter folder not found: {adapter}")
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    load_adapter(denoiser, str(adapter), name="eval", weight=weight)
+    load_adapter(denoiser, str(adapter), name="studio-eval", weight=weight)
 
 
 def real_images(n_per_class: int, classes, split: str = "train", seed: int = 0):
