@@ -922,7 +922,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
             return folder.path
         tick = time.time()
         lr = schedule.get_last_lr()[0]  # the rate this step's update uses
-        losses, extra = [], {}
+        losses, extra, bad_grad = [], {}, False
         for micro in range(config.grad_accum):
             with accelerator.accumulate(prepared_unet):
                 loss, logs = objective.loss(run, step, micro)
@@ -938,7 +938,10 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                     finite = torch.isfinite(torch.stack(losses)).all().to(accelerator.device).float()
                     finite = bool(accelerator.reduce(finite, "sum").item() == accelerator.num_processes)
                     if finite and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable.params, config.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(trainable.params, config.max_grad_norm)
+                        # A finite loss with NaN/inf gradients is skipped too (fp16's scaler handles its own).
+                        if norm is not None and accelerator.scaler is None and not torch.isfinite(torch.as_tensor(norm)).all():
+                            finite, bad_grad = False, True
                     skip = (not finite) or trainable.on_step(step, optimizer)
                     if not skip:
                         optimizer.step()
@@ -948,11 +951,11 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                     optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), "mean").item()
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) or bad_grad:
             nan_in_a_row += 1
             if is_main:
                 log_file.append({"step": step, "event": "nan_loss", "loss": str(loss_value), "skipped": True,
-                                 "in_a_row": nan_in_a_row})
+                                 "in_a_row": nan_in_a_row, **({"grad_norm": "nan"} if bad_grad else {})})
                 say(f"step {step}: loss is {loss_value}; update skipped ({nan_in_a_row} in a row)")
             if nan_in_a_row >= config.max_nan_steps:
                 last = folder.latest_checkpoint()

@@ -94,3 +94,31 @@ def test_too_many_nan_steps_stop_with_one_line_and_keep_the_checkpoint(tiny_sd_d
 def test_max_nan_steps_is_validated(tmp_path):
     with pytest.raises(ValueError, match="max-nan-steps"):
         TrainConfig.from_dict({"out": str(tmp_path), "max_nan_steps": 0})
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_nan_gradients_with_a_finite_loss_are_skipped(tiny_sd_dir, subject, tmp_path, monkeypatch):
+    original = SubjectObjective.loss
+
+    def loss(self, run, step, micro):
+        value, logs = original(self, run, step, micro)
+        return (_NanGrad.apply(value) if step == 1 else value), logs
+
+    monkeypatch.setattr(SubjectObjective, "loss", loss)
+    run = train(_config(tiny_sd_dir, subject, tmp_path / "run", steps=3, checkpoint_every=0))
+    assert run_status(run)["state"] == "done"
+    skipped = [r for r in read_log(Path(run) / "log.jsonl") if r.get("event") == "nan_loss"]
+    assert [(r["step"], r.get("grad_norm")) for r in skipped] == [(2, "nan")]
+    weights = load_file(str(Path(run) / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
