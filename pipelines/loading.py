@@ -129,5 +129,8 @@ def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "
         pipe.text_encoder = pipe.text_encoder.to(dtype) if getattr(pipe, "text_encoder", None) is not None else None
     pipe.to(device)
     pipe.source = str(source)
+    # Sampling defaults a studio-trained model recommends (guidance, steps); read by text2image.
+    defaults = folder / "studio.json" if folder is not None else None
+    pipe.studio_defaults = json.loads(defaults.read_text()) if defaults is not None and defaults.is_file() else {}
     set_attention(pipe, attention)
     return pipe

@@ -58,8 +58,8 @@ def make_scheduler(pipe, name: str):
 class GenerationSettings:
     prompt: str
     negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 2.0
+    steps: int | None = None  # None: the model's own default (studio.json), else 25
+    guidance: float | None = None  # None: the model's own default (studio.json), else 2.0
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -70,11 +70,11 @@ class GenerationSettings:
     def validate(self, pipe=None):
         if not isinstance(self.prompt, str):
             raise GenerationError("the prompt must be text")
-        if int(self.steps) < 1:
+        if self.steps is not None and int(self.steps) < 1:
             raise GenerationError(f"steps must be a positive whole number, got {self.steps}")
         if int(self.num_images) < 1:
             raise GenerationError(f"the number of images must be at least 1, got {self.num_images}")
-        if not (self.guidance == self.guidance) or self.guidance < 0:  # NaN or negative
+        if self.guidance is not None and (not (self.guidance == self.guidance) or self.guidance < 0):  # NaN or < 0
             raise GenerationError(f"guidance must be a number >= 0, got {self.guidance}")
         if pipe is not None:
             multiple = size_multiple(pipe)
@@ -97,6 +97,16 @@ class GenerationSettings:
 
     def to_dict(self):
         return asdict(self)
+
+
+def apply_model_defaults(pipe, settings):
+    """Fill steps/guidance left unset with what the model folder recommends (studio.json), else 25 / 2.0."""
+    defaults = getattr(pipe, "studio_defaults", None) or {}
+    if settings.steps is None:
+        settings.steps = int(defaults.get("steps", 25))
+    if settings.guidance is None:
+        settings.guidance = float(defaults.get("guidance", 2.0))
+    return settings
 
 
 def native_size(pipe) -> int:
@@ -126,6 +136,7 @@ def generate(pipe, settings: GenerationSettings, preview=None, preview_every: in
     """Run the pipeline for `settings`. One CPU generator per image (seed, seed+1, ...) so each image is
     reproducible on its own. preview(step, total, images) is called every `preview_every` steps;
     stop() returning True interrupts after the current step. Returns the images (PIL by default)."""
+    apply_model_defaults(pipe, settings)
     settings.validate(pipe)
     make_scheduler(pipe, settings.scheduler)
     size = native_size(pipe)

@@ -71,9 +71,10 @@ def run_generate(settings, base="embedded", out=None, device=None, dtype=None, a
     """Generate the images for `settings` (a pipelines.GenerationSettings); write PNGs if `out` is given.
     adapters: [(adapter folder, weight), ...] applied together (none: the plain base).
     Returns (images, paths)."""
-    from pipelines.text2image import generate
+    from pipelines.text2image import apply_model_defaults, generate
 
     pipe = pipe or get_pipeline(base, device=device, dtype=dtype, attention=attention)
+    apply_model_defaults(pipe, settings)
     settings.extra.setdefault("Model", str(base))
     if adapters:
         settings.extra.setdefault("Adapters", ", ".join(f"{Path(f).name}:{float(w):g}" for f, w in adapters))

@@ -5,8 +5,9 @@ def add_arguments(p):
     p.add_argument("--base", default="embedded", help="embedded, embedded-dit, a diffusers folder, or a hub id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's own (studio.json), else 25")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off); default: the model's own (studio.json), else 2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -17,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--attention", default="auto", choices=["auto", "xformers", "sdpa"])
     p.add_argument("--out", required=True, help="a .png file, or a folder for numbered files")
     p.add_argument("--hires", default=None, help="DiffuseHigh: scales of the native size, e.g. 2 or 2,4 (saves the largest)")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
+                   help="apply an adapter (repeatable), e.g. runs/bag/adapter:0.8")
     p.add_argument("--one-step", default=None, metavar="ADAPTER_DIR", help="HiPA: one model call per image with this adapter")
 
 
@@ -37,6 +40,7 @@ def run(args):
         settings.extra["One-step"] = args.one_step
         settings.steps, settings.guidance = 1, 1.0  # what actually runs: one call, CFG baked into the adapter
     settings.validate()
+    adapters = [parse_adapter(text) for text in args.adapter]
     bars = []  # created at the first step, so loading time does not distort the rate
 
     def progress(step, total, latents):
@@ -45,9 +49,18 @@ def run(args):
         bars[0].update(step - bars[0].n)
 
     _, paths = run_generate(settings, base=args.base, out=args.out, device=args.device, dtype=args.dtype,
-                            attention=args.attention, preview=progress, preview_every=1)
+                            attention=args.attention, preview=progress, preview_every=1, adapters=adapters)
     for bar in bars:
         bar.close()
     for path in paths:
         print(path)
     return 0
+
+
+def parse_adapter(text: str):
+    """'DIR' or 'DIR:WEIGHT' -> (DIR, weight)."""
+    folder, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return folder, float(weight)
+    except ValueError:
+        raise ValueError(f"--adapter takes DIR or DIR:WEIGHT (a number), got {text!r}") from None
