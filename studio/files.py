@@ -30,3 +30,18 @@ def write_text(path, text: str):
 
 def write_json(path, data):
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSON-lines log; a missing file or a torn last line (a kill mid-write) is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

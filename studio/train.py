@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from studio.files import atomic_path, write_json, write_text
+from studio.files import atomic_path, read_jsonl, write_json, write_text
 
 log = logging.getLogger("studio.train")
 
@@ -401,26 +401,12 @@ class JsonlLog:
             os.close(fd)
 
     def read(self) -> list:
-        return read_log(self.path)
+        return read_jsonl(self.path)
 
     def truncate_after(self, step: int):
         """On resume: forget what happened after the checkpoint (it is about to happen again)."""
         kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
         write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-
-
-def read_log(path) -> list:
-    records = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 def peak_memory_mb(device) -> float:

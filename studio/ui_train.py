@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio import library
+from studio.files import read_jsonl
 from studio.ui import base_choices, first_line, raise_for_ui
 
 log = logging.getLogger("studio.ui")
@@ -170,20 +171,6 @@ class WorkerProcess:
 
 
 # --- reading a job's run folder --------------------------------------------------------------------------
-
-def read_jsonl(path) -> list:
-    records = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
 
 def read_json(path) -> dict:
     try:

@@ -193,7 +193,8 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     import json
 
     from studio.hipa import train_hipa
-    from studio.train import read_log, run_status
+    from studio.files import read_jsonl
+    from studio.train import run_status
 
     settings = {"base": str(tiny_sd_dir), "out": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "quiet": True,
                 "validation_seeds": [0], "checkpoint_every": 1, "rank": 2,
@@ -204,8 +205,8 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     run_dir = train_hipa({**settings, "resume": True})
     status = run_status(run_dir)
     assert status["state"] == "done" and status["step"] == 2
-    steps = [r["step"] for r in read_log(run_dir / "log.jsonl") if "loss" in r]
-    assert steps == [1, 2] and all("fft" in r and "hf_vs_teacher" in r for r in read_log(run_dir / "log.jsonl") if "loss" in r)
+    steps = [r["step"] for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2] and all("fft" in r and "hf_vs_teacher" in r for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r)
     assert (run_dir / "samples" / "step-000000" / "p0-seed0.png").is_file()  # validation = one-step samples
     assert (run_dir / "samples" / "step-000002" / "p0-seed0.png").is_file()
     info = json.loads((run_dir / "adapter" / "hipa.json").read_text())

@@ -9,7 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from studio.cli import main
-from studio.train import SubjectObjective, TrainConfig, read_log, run_status, train
+from studio.files import read_jsonl
+from studio.train import SubjectObjective, TrainConfig, run_status, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +64,7 @@ def test_nan_steps_are_skipped_and_logged(tiny_sd_dir, subject, tmp_path, monkey
     run = train(_config(tiny_sd_dir, subject, tmp_path / "run"))
     assert run_status(run)["state"] == "done"
     assert seen["updates"] == 4  # 6 steps, 2 skipped
-    records = read_log(Path(run) / "log.jsonl")
+    records = read_jsonl(Path(run) / "log.jsonl")
     skipped = [r for r in records if r.get("event") == "nan_loss"]
     assert [(r["step"], r["in_a_row"]) for r in skipped] == [(3, 1), (4, 2)]
     weights = load_file(str(Path(run) / "adapter" / "adapter_model.safetensors"))
@@ -118,7 +119,7 @@ def test_nan_gradients_with_a_finite_loss_are_skipped(tiny_sd_dir, subject, tmp_
     monkeypatch.setattr(SubjectObjective, "loss", loss)
     run = train(_config(tiny_sd_dir, subject, tmp_path / "run", steps=3, checkpoint_every=0))
     assert run_status(run)["state"] == "done"
-    skipped = [r for r in read_log(Path(run) / "log.jsonl") if r.get("event") == "nan_loss"]
+    skipped = [r for r in read_jsonl(Path(run) / "log.jsonl") if r.get("event") == "nan_loss"]
     assert [(r["step"], r.get("grad_norm")) for r in skipped] == [(2, "nan")]
     weights = load_file(str(Path(run) / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())

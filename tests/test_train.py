@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from studio.cli import main
-from studio.train import TrainConfig, read_log, run_status, train
+from studio.files import read_jsonl
+from studio.train import TrainConfig, run_status, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ def _adapter(run_dir):
 
 
 def _losses(run_dir):
-    return [(r["step"], r["loss"]) for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r]
+    return [(r["step"], r["loss"]) for r in read_jsonl(Path(run_dir) / "log.jsonl") if "loss" in r]
 
 
 def _same(a, b):
@@ -121,7 +122,7 @@ def test_run_folder_has_config_log_samples_checkpoints_and_adapter(tiny_sd_dir, 
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"] == "lora" and saved["steps"] == 4 and saved["images"] == str(subject)
-    steps = [r for r in read_log(out / "log.jsonl") if "loss" in r]
+    steps = [r for r in read_jsonl(out / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"loss", "lr", "seconds", "elapsed", "peak_mem_mb"} <= set(r) for r in steps)
     for step in (0, 2, 4):  # step 0 is the base model's baseline
@@ -164,7 +165,7 @@ def test_every_option_together_trains(tiny_sd_dir, subject, tmp_path):
                        snr_gamma=5.0, ema_decay=0.9, flip=True, caption_dropout=0.2, lr_scheduler="cosine",
                        warmup_steps=1, gradient_checkpointing=True, mixed_precision="bf16", repeats=2)
     train(settings)
-    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    records = [r for r in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in r]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) and "prior_loss" in r for r in records)
     assert records[0]["lr"] < records[1]["lr"]  # warm-up
     pngs = sorted(cache.rglob("class-*.png"))

@@ -91,9 +91,9 @@ def _curve(run_dir: Path, evaluator, class_name) -> list:
     """(step, subject accuracy of that step's validation samples, mean loss of the steps before it)."""
     from PIL import Image
 
-    from studio.train import read_log
+    from studio.files import read_jsonl
 
-    losses = [(r["step"], r["loss"]) for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    losses = [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r]
     points, previous = [], 0
     for folder in sorted((run_dir / "samples").glob("step-*")):
         step = int(folder.name[5:])
@@ -166,10 +166,11 @@ def run(args):
         if "error" in outcome:
             rows.append({"method": method, "error": outcome["error"], "wall_seconds": outcome["wall_seconds"]})
             continue
-        from studio.train import read_log, run_status
+        from studio.files import read_jsonl
+        from studio.train import run_status
 
         status = run_status(run_dir)
-        peak = max((r.get("peak_mem_mb") or 0 for r in read_log(run_dir / "log.jsonl")), default=None)
+        peak = max((r.get("peak_mem_mb") or 0 for r in read_jsonl(run_dir / "log.jsonl")), default=None)
         print(f"[subject] {method}: evaluating", file=sys.stderr, flush=True)
         scores = _evaluate(args, method, run_dir, evaluate_base)
         curves[method] = _curve(run_dir, evaluator, HELD_OUT)
