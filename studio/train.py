@@ -129,6 +129,12 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown training setting {unknown[0]!r} (see `studio train --help`)")
+        for f in fields(cls):  # YAML 1.1 reads "1e-4" as a string: take it as the number it spells
+            if "float" in str(f.type) and isinstance(data.get(f.name), str):
+                try:
+                    data[f.name] = float(data[f.name])
+                except ValueError:
+                    pass  # validate() names the field
         config = cls(**data)
         config.validate()
         return config

@@ -263,3 +263,14 @@ def test_sara_progressive_switch_resumes_bitwise(tiny_sd_dir, subject, tmp_path)
     ref, cut = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
     _same(ref, cut)
     assert any(k.endswith("sara_progressed") and bool(v.all()) for k, v in ref.items())
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-4` as a string; the config takes it as the number it spells."""
+    from studio.train import load_config_file
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nweight_decay: 1e-2\n")
+    config = TrainConfig.from_dict({**load_config_file(tmp_path / "c.yaml"), "images": "x", "out": str(tmp_path / "o")})
+    assert config.lr == 1e-4 and config.weight_decay == 1e-2
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        TrainConfig.from_dict({"lr": "lots", "images": "x", "out": str(tmp_path / "o")})
