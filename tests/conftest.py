@@ -42,3 +42,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One CPU thread for a module: on a shared 2-core machine two spinning threads are far slower, and
+    bitwise comparisons need the same thread count on both sides."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def make_subject(tmp_path_factory):
+    """make_subject(count, seed, size=(32, 32), captions={}) -> a folder of random RGB images (+ .txt captions)."""
+    import numpy as np
+    from PIL import Image
+
+    def make(count, seed, size=(32, 32), captions=None):
+        folder = tmp_path_factory.mktemp("subject")
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        for name, text in (captions or {}).items():
+            (folder / f"{name}.txt").write_text(text)
+        return folder
+
+    return make

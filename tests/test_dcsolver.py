@@ -24,12 +24,7 @@ SD21_CPR = [1523.67662, -1111.474645, 198.3834962, -1346.089002, 1007.194941, -1
             -90.89633129]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test bed is tiny; threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _noise(count, seed=1):

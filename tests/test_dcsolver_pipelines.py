@@ -8,12 +8,7 @@ from diffusers import UniPCMultistepScheduler
 from pipelines.dcsolver import DCSolverScheduler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _latents(pipe, scheduler, guidance, steps=6):

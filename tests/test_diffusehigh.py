@@ -10,13 +10,7 @@ from pipelines.image_metrics import hf_energy_ratio, low_band_psnr
 PROMPT = "a photo of a dress"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a crowded 2-core machine two spinning threads per process run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _quiet(pipe):

@@ -5,30 +5,18 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from studio.cli import main
 from studio.jobs import JobStore, Worker
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subject")
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+def subject(make_subject):
+    return make_subject(2, seed=1)
 
 
 def _settings(tiny_sd_dir, subject, **extra):

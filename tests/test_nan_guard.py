@@ -2,10 +2,8 @@
 row the run stops with one clear line and keeps its last good checkpoint."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from studio.cli import main
@@ -13,21 +11,12 @@ from studio.files import read_jsonl
 from studio.train import SubjectObjective, TrainConfig, run_status, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subject")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+def subject(make_subject):
+    return make_subject(2, seed=0)
 
 
 def _config(tiny_sd_dir, subject, out, **extra):

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from studio.cli import main
@@ -21,23 +20,12 @@ from studio.train import TrainConfig, run_status, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: on a shared 2-core machine two spinning threads are ~100x slower, not 2x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subject")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (folder / "0.txt").write_text("a photo of sks bag on grass")
-    return folder
+def subject(make_subject):
+    return make_subject(3, seed=0, size=(40, 36), captions={"0": "a photo of sks bag on grass"})
 
 
 def _config(tiny_sd_dir, subject, out, **extra):
