@@ -229,13 +229,16 @@ def progress_html(job) -> str:
 
 
 def loss_frame(records):
+    """The loss curve as a frame (raw and smoothed), or None before the first logged step: a LinePlot first
+    given an empty frame keeps an empty colour domain and draws no line for later data (gradio 6)."""
     import pandas as pd
 
     points = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r and "step" in r]
+    if not points:
+        return None
     frame = pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
                           "loss": pd.Series([p[1] for p in points], dtype="float64")})
-    smooth = frame["loss"].ewm(alpha=0.1).mean() if len(frame) else frame["loss"]
-    # Typed even when empty: the plot keeps the axis types it first saw (an empty object column = categories).
+    smooth = frame["loss"].ewm(alpha=0.1).mean()
     return pd.concat([frame.assign(series="loss"), frame.assign(loss=smooth, series="smoothed")], ignore_index=True)
 
 
@@ -365,7 +368,7 @@ def build(ctx) -> TrainTab:
                 mark = gr.Button("Mark as stopped", elem_id="train-mark-stopped", scale=1, size="sm")
             status = gr.Markdown(status_markdown(None, []), elem_id="train-status")
             bar = gr.HTML(progress_html(None), elem_id="train-progress")
-            loss = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Training loss",
+            loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
                                elem_id="train-loss", height=260, x_title="step", y_title="loss")
             previews = gr.Gallery(label="Validation previews (step 0 = the base model)", columns=6, height=220,
                                   elem_id="train-samples", allow_preview=True, object_fit="contain")
