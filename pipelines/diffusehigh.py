@@ -266,7 +266,7 @@ def predicted_x0(output, x_in, level, prediction_type):
         return alpha * x_in - sigma * output
     if prediction_type == "sample":
         return output
-    raise ValueError(f"structure guidance does not know the prediction type '{prediction_type}'")
+    raise ValueError(f"unknown prediction type '{prediction_type}': expected epsilon, v_prediction or sample")
 
 
 def output_for_x0(x0, x_in, level, prediction_type):

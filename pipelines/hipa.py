@@ -170,15 +170,12 @@ def default_timestep(scheduler, min_signal: float = MIN_SIGNAL) -> int:
 
 
 def prediction_to_x0(prediction, sample, alpha_bar, prediction_type: str):
-    """Data prediction from a model output at a VP timestep with ᾱ = alpha_bar."""
+    """Data prediction from a model output at a VP timestep with ᾱ = alpha_bar (the same conversion
+    DiffuseHigh's structure guidance uses)."""
+    from pipelines.diffusehigh import predicted_x0
+
     alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
-    if prediction_type == "epsilon":
-        return (sample - sigma * prediction) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * prediction
-    if prediction_type == "sample":
-        return prediction
-    raise ValueError(f"one-step sampling does not know prediction type '{prediction_type}'")
+    return predicted_x0(prediction, sample, ("vp", alpha, sigma), prediction_type)
 
 
 def student_x0(unet, scheduler, noise, encoder_hidden_states, timestep=None):
