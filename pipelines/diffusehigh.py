@@ -367,7 +367,7 @@ def diffusehigh(pipe, prompt: str, scales=(2, 4), sizes=None, *, negative_prompt
     sizes = stage_sizes(pipe, scales, sizes, base_size)
     _check_position_limit(pipe, sizes)
     stage_cfg = _per_stage(guidance if stage_guidance is None else stage_guidance, len(sizes) - 1, "stage_guidance")
-    make_scheduler(pipe, scheduler)
+    make_scheduler(pipe, scheduler, guidance=guidance)
 
     started = time.perf_counter()
     device = pipe._execution_device

@@ -229,7 +229,7 @@ def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidanc
 
     previous = pipe.scheduler
     try:
-        make_scheduler(pipe, scheduler)
+        make_scheduler(pipe, scheduler, guidance=guidance)
         if spacing:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing,
                                                               steps_offset=0)

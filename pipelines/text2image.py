@@ -11,37 +11,42 @@ class GenerationError(ValueError):
     """Settings a user got wrong; the message says what to change."""
 
 
-def _ddim(config):
+def _ddim(config, **_):
     from diffusers import DDIMScheduler
     return DDIMScheduler.from_config(config)
 
 
-def _euler(config):
+def _euler(config, **_):
     from diffusers import EulerDiscreteScheduler
     return EulerDiscreteScheduler.from_config(config)
 
 
-def _unipc(config):
+def _unipc(config, **_):
     from diffusers import UniPCMultistepScheduler
     return UniPCMultistepScheduler.from_config(config)
 
 
-def _dpmpp(config):
+def _dpmpp(config, **_):
     from diffusers import DPMSolverMultistepScheduler
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
 
 
-# User-facing sampler name -> factory taking the pipeline's scheduler config. "default" keeps the model's own.
-def _dc_solver(config):
-    from pipelines.dcsolver import dc_solver_from_config
-    return dc_solver_from_config(config)
+def _dc_solver(config, pipe=None, guidance=None):
+    # The ratios depend on the model and the guidance: with the pipeline at hand, use its own fitted file.
+    from pipelines.dcsolver import DCSolverScheduler, dc_solver_from_config, fitted_for
+    if pipe is None:
+        return dc_solver_from_config(config)
+    return DCSolverScheduler.from_config(config, **fitted_for(pipe, "unipc", guidance))
 
+
+# User-facing sampler name -> factory(scheduler config, pipe=..., guidance=...). "default" keeps the model's own.
 
 SCHEDULERS = {"ddim": _ddim, "euler": _euler, "unipc": _unipc, "dpm++": _dpmpp, "dc-solver": _dc_solver}
 
 
-def make_scheduler(pipe, name: str):
-    """Swap the pipeline's scheduler by user-facing name (returns the pipeline's scheduler)."""
+def make_scheduler(pipe, name: str, guidance: float | None = None):
+    """Swap the pipeline's scheduler by user-facing name (returns the pipeline's scheduler). `guidance` is the
+    CFG scale the run will use (DC-Solver's fitted ratios depend on it)."""
     if name in (None, "", "default"):
         return pipe.scheduler
     if name not in SCHEDULERS:
@@ -50,7 +55,7 @@ def make_scheduler(pipe, name: str):
         raise GenerationError(f"'{name}' is a noise-prediction sampler; this flow-matching model needs --scheduler default")
     if not hasattr(pipe, "_studio_default_scheduler"):
         pipe._studio_default_scheduler = pipe.scheduler
-    pipe.scheduler = SCHEDULERS[name](pipe._studio_default_scheduler.config)
+    pipe.scheduler = SCHEDULERS[name](pipe._studio_default_scheduler.config, pipe=pipe, guidance=guidance)
     return pipe.scheduler
 
 
@@ -138,7 +143,7 @@ def generate(pipe, settings: GenerationSettings, preview=None, preview_every: in
     stop() returning True interrupts after the current step. Returns the images (PIL by default)."""
     apply_model_defaults(pipe, settings)
     settings.validate(pipe)
-    make_scheduler(pipe, settings.scheduler)
+    make_scheduler(pipe, settings.scheduler, guidance=settings.guidance)
     size = native_size(pipe)
     settings.height = int(settings.height or size)
     settings.width = int(settings.width or size)

@@ -66,6 +66,13 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
         scheduler.set_timesteps(5)
         assert scheduler.compensation_ratios == next(e["ratios"] for e in data["table"]
                                                      if e["steps"] == 5 and e["guidance"] == 2.0)
+        # the generate door (`--scheduler dc-solver --guidance W`) picks this model's file at the run's guidance
+        from pipelines.text2image import make_scheduler
+        for guidance in (1.0, 2.0):
+            make_scheduler(pipe, "dc-solver", guidance=guidance).set_timesteps(5)
+            assert pipe.scheduler.config.guidance_scale == guidance
+            assert pipe.scheduler.compensation_ratios == next(e["ratios"] for e in data["table"]
+                                                              if e["steps"] == 5 and e["guidance"] == guidance)
     finally:
         (tiny_pixart_dir / "dc_solver.json").unlink()
 
