@@ -17,7 +17,11 @@ adapted site (a layer, or a parameter tensor) and owns everything else. The subc
                              module (weight, bias, norm affine, embedding: e.g. SaRA); __init__ gets
                              the frozen tensor as `base`, only delta_weight() is used, and the core
                              installs it through torch.nn.utils.parametrize (gradient accumulation,
-                             autograd and merge all work through the parametrization).
+                             autograd and merge all work through the parametrization). Optional, for
+                             sparse deltas: write_into(weight, w) writes P0 + w·ΔP into the frozen
+                             tensor's storage and returns an alias routing the gradient to the
+                             trainable values (or None to decline), restore_into(weight) writes P0
+                             back; the core then never builds a dense copy of the tensor.
   options = {...}            method-specific hyper-parameters with their defaults; cfg.options is
                              checked against these keys, and self.options holds the merged values.
   __init__(self, base, cfg)  call super().__init__(cfg); create the trainable nn.Parameters and the
@@ -253,18 +257,42 @@ class AdaptedModule(_Site):
 
 
 class AdaptedParameter(_Site):
-    """A parametrization of one parameter tensor: P = P0 + Σ w · ΔP."""
+    """A parametrization of one parameter tensor: P = P0 + Σ w · ΔP.
+
+    A method with sparse deltas may instead write P0 + w·ΔP into the frozen tensor's own storage
+    (write_into / restore_into, SaRA): no dense copy of the tensor per forward. That path is taken when
+    it is the only adapter at the site and nothing is merged; the storage is put back to P0
+    (restore) before anything reads the base tensor (merge, unmerge, detach, another path)."""
 
     def __init__(self, module: nn.Module, pname: str):
         super().__init__()
         object.__setattr__(self, "_owner", module)  # not a submodule: avoids a reference cycle in the tree
         self.pname = pname
+        self.written: str | None = None  # the adapter whose values the storage holds now
 
-    def base_weight(self):
+    def original(self):
         return self._owner.parametrizations[self.pname].original
 
+    def base_weight(self):
+        self.restore()
+        return self.original()
+
+    @torch.no_grad()
+    def restore(self):
+        if self.written is not None:
+            self.adapters[self.written].restore_into(self.original())
+            self.written = None
+
     def forward(self, original):
-        for _, layer, w in self.active():
+        active = self.active()
+        if len(active) == 1 and len(self.adapters) == 1 and not self.merged:
+            name, layer, w = active[0]
+            routed = layer.write_into(original, w) if hasattr(layer, "write_into") else None
+            if routed is not None:
+                self.written = name
+                return routed
+        self.restore()
+        for _, layer, w in active:
             original = original + w * layer.delta_weight(original).to(original.dtype)
         return original
 
@@ -507,6 +535,8 @@ class AdapterHandle:
         if record is None:
             return
         for path, site in record.sites.items():
+            if isinstance(site, AdaptedParameter):
+                site.restore()  # the storage back to P0 before this adapter goes
             if keep_merged:
                 site.merge(self.name)
                 site.merged.pop(self.name)

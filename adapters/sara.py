@@ -7,8 +7,11 @@ all targets at once and written back into options["threshold"] so the saved conf
 
 Model: P = P0 + ΔP with ΔP zero off M. The trainable object per tensor is a 1-D vector
 `sara_delta` (ΔP on M, init 0, so P = P0 exactly at step 0; the official code wrote |V| here and
-flipped small negative weights). A custom autograd op scatters it into P's shape; its backward
-is dL/dΔ = (dL/dP)[M], so the frozen tensors get no gradient and no optimiser state.
+flipped small negative weights). In training the values are written into the frozen tensor's own
+storage on M (write_into: no dense copy per forward, the paper's "unstructured backpropagation");
+the gradient is dL/dΔ = (dL/dP)[M], so the frozen tensors get no gradient and no optimiser state.
+Where the core cannot write in place (several adapters on a tensor, one merged) a custom op scatters
+ΔP into P's shape out of place, with the same backward.
 
 Low-rank regulariser: λ·‖P ⊙ M‖_* on the masked matrix built FROM sara_delta (so, unlike the
 official UB code, its gradient reaches the trainable values); one pseudo-random tensor per step
@@ -55,6 +58,25 @@ class _ScatterValues(torch.autograd.Function):
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
         return grad.reshape(-1).index_select(0, indices).to(ctx.values_dtype), None, None, None
+
+
+class _WriteValues(torch.autograd.Function):
+    """The in-place forward: P0 + w·ΔP written into the frozen tensor's own storage on M (through .data,
+    outside autograd's version counting: the values cannot change between this forward and its backward
+    in a training step). Returns an alias of that storage whose gradient is dL/dvalues = w·(dL/dW)[M]:
+    the dense dL/dW exists only transiently inside the layer's backward, and no dense copy is kept."""
+
+    @staticmethod
+    def forward(ctx, weight, values, indices, p0, w):
+        weight.data.view(-1).index_put_((indices,), (p0 + w * values).to(weight.dtype))
+        ctx.save_for_backward(indices)
+        ctx.w, ctx.values_dtype = w, values.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return None, (ctx.w * grad.reshape(-1).index_select(0, indices)).to(ctx.values_dtype), None, None, None
 
 
 def scatter_values(values, indices, shape, dtype=None) -> torch.Tensor:
@@ -163,6 +185,18 @@ class SaRA(AdapterLayer):
 
     def delta_weight(self, weight):
         return scatter_values(self.values(), self.sara_indices, weight.shape, weight.dtype)
+
+    def write_into(self, weight, w: float):
+        """Core hook: the adapted tensor without a dense copy (see _WriteValues); None declines (the core
+        then adds delta_weight out of place), for a storage whose flat order is not the logical one."""
+        if not weight.is_contiguous() or weight.shape != self.shape:
+            return None
+        return _WriteValues.apply(weight, self.values(), self.sara_indices, self.p0, float(w))
+
+    @torch.no_grad()
+    def restore_into(self, weight):
+        """Put P0 back on M (p0 holds the exact base values: fp32 is exact for every float dtype)."""
+        weight.data.view(-1).index_put_((self.sara_indices,), self.p0.to(weight.dtype))
 
     def nuclear_norm(self) -> torch.Tensor:
         """‖P ⊙ M‖_*: the masked matrix (small pretrained values + their updates), built from
