@@ -2,7 +2,12 @@
 
 On CUDA: the UNet from SD1.5's published config (random init unless --base names a local folder), 64x64
 latents (512x512 images), bf16 base weights with fp32 adapter parameters, batch 1 and 4. On a CPU it runs a
-small UNet of the same block layout in fp32 so the suite itself stays testable.
+small UNet of the same block layout in fp32 so the suite itself stays testable; `--sd15 --latent 32` runs the
+SD1.5 UNet on a CPU for its memory column (CPU peak = bytes of every live tensor: the model, optimiser state
+and what a step allocates, counted by studio.bench.live_memory).
+
+SaRA on a random-init UNet selects its entries by fraction (5.8%, the paper's ~50M of 860M at θ = 2e-3 on the
+pretrained SD1.5 weights): θ = 2e-3 on random weights would select 17.8%, a different method setting.
 """
 import statistics
 import time
@@ -29,6 +34,8 @@ def add_arguments(p):
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--base", default=None, help="a local diffusers folder whose UNet to use instead of random init")
     p.add_argument("--small", action="store_true", help="use the small UNet even on CUDA (for testing)")
+    p.add_argument("--sd15", action="store_true", help="use the SD1.5 UNet even on a CPU (memory column)")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default: the UNet's, 64 for SD1.5)")
     p.add_argument("--compile", action="store_true", help="also time each variant with torch.compile(unet)")
 
 
@@ -43,14 +50,22 @@ def _build_unet(args, device, dtype):
     if args.base:
         unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet")
     else:
-        config = SD15_UNET if device.type == "cuda" and not args.small else SMALL_UNET
+        config = SD15_UNET if _sd15(args, device) else SMALL_UNET
         torch.manual_seed(0)
         with torch.device(device):  # initialise in place: an 860M UNet is slow to build on the CPU
             unet = UNet2DConditionModel(**config)
     return unet.to(device=device, dtype=dtype)
 
 
-def _prepare(unet, variant, rank):
+def _sd15(args, device) -> bool:
+    return not getattr(args, "small", False) and (device.type == "cuda" or getattr(args, "sd15", False))
+
+
+# SaRA's selection on a random-init UNet: the paper's count on pretrained SD1.5 (θ = 2e-3 ≈ 50M of 860M).
+SARA_RANDOM_INIT = {"fraction": 0.058}
+
+
+def _prepare(unet, variant, rank, pretrained=False):
     """Freeze the base, add the variant's trainable parameters (kept in fp32), return them."""
     unet.requires_grad_(False)
     if variant == "full":
@@ -67,7 +82,8 @@ def _prepare(unet, variant, rank):
     from adapters import AdapterConfig, attach
 
     targets = "all" if variant == "sara" else "attn"
-    handle = attach(unet, AdapterConfig(method=variant, rank=rank, targets=targets), name="bench")
+    options = SARA_RANDOM_INIT if variant == "sara" and not pretrained else {}
+    handle = attach(unet, AdapterConfig(method=variant, rank=rank, targets=targets, options=dict(options)), name="bench")
     params = list(handle.trainable_parameters())
     for p in params:
         p.data = p.data.float()
@@ -94,11 +110,11 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False):
         torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     unet = _build_unet(args, device, dtype)
-    params = _prepare(unet, variant, args.rank)
+    params = _prepare(unet, variant, args.rank, pretrained=bool(args.base))
     unet.train()
     model = torch.compile(unet) if compile_unet else unet
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    size = unet.config.sample_size
+    size = args.latent or unet.config.sample_size
     gen = torch.Generator(device="cpu").manual_seed(0)
     latents = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
     text = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=gen).to(device, dtype)
@@ -112,7 +128,7 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    for _ in range(3 if device.type == "cuda" else 1):  # on a CPU one step creates the optimiser state: enough
         step()
     _sync(device)
     if device.type == "cuda":
@@ -123,7 +139,7 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False):
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _cpu_peak_mib(unet, optimizer, step)
     flops = _flops_per_step(unet, (latents, timesteps, text))
     seconds = statistics.median(times)
     row = {"variant": variant + ("+compile" if compile_unet else ""), "batch": batch, "resident_before_mib": resident, "trainable_params": sum(p.numel() for p in params),
@@ -132,6 +148,19 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _cpu_peak_mib(unet, optimizer, step):
+    """What max_memory_allocated reports on CUDA, for a CPU: resident tensors (weights, buffers, optimiser
+    state) plus the peak of the tensors one more step allocates."""
+    from studio.bench.live_memory import LiveTensorBytes
+
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    resident = {id(t.untyped_storage()): t.untyped_storage().nbytes()
+                for t in [*unet.parameters(), *unet.buffers(), *state]}
+    with LiveTensorBytes().ignore(unet.parameters(), unet.buffers(), state) as meter:
+        step()
+    return (sum(resident.values()) + meter.peak) / 2**20
 
 
 def _sampling_row(args, attention, device, dtype, batch=4):
@@ -151,7 +180,7 @@ def _sampling_row(args, attention, device, dtype, batch=4):
         vae_config.update(block_out_channels=(16, 32, 32, 32), norm_num_groups=16)
     vae = AutoencoderKL(**vae_config).to(device, dtype).eval()
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    size = unet.config.sample_size
+    size = args.latent or unet.config.sample_size
     text = torch.randn(2 * batch, TEXT_TOKENS, unet.config.cross_attention_dim).to(device, dtype)
 
     @torch.no_grad()
@@ -234,8 +263,10 @@ def run(args):
     for row in rows:
         if "tflops" in row and peak == peak:
             row["util_of_bf16_peak"] = row["tflops"] / peak
-    unet_kind = "SD1.5 config" if device.type == "cuda" and not args.small else "small UNet (SD1.5 block layout)"
+    unet_kind = "SD1.5 config" if _sd15(args, device) else "small UNet (SD1.5 block layout)"
+    side = args.latent or (64 if unet_kind == "SD1.5 config" else 16)
     return {"rows": rows, "bf16_peak_tflops": peak, "unet": args.base or unet_kind, "dtype": str(dtype),
-            "resolution": "64x64 latents (512x512)" if unet_kind == "SD1.5 config" else "16x16 latents",
+            "resolution": f"{side}x{side} latents ({8 * side}x{8 * side})",
+            "sara_selection": "threshold (pretrained base)" if args.base else SARA_RANDOM_INIT,
             "columns": ["variant", "batch", "trainable_params", "step_ms", "peak_mem_mib", "tflops",
                         "util_of_bf16_peak", "images_per_s", "note"]}
