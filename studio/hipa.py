@@ -141,9 +141,10 @@ class TeacherPairs(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------
 # Training: an objective for the shared loop (studio/train.py), and the job-store runner.
 
-# TrainConfig values HiPA uses unless the user sets them: a small LoRA on the attention projections,
+# TrainConfig values HiPA uses unless the user sets them: a small LoRA on the attention projections AND the
+# convs (one-step generation needs capacity in the convs: attention-only stalled at 0.867, docs/hipa.md),
 # previews that ARE one-step samples (1 step, CFG off), and a learning rate for a ~2M-parameter UNet.
-TRAIN_DEFAULTS = {"method": "lora", "rank": 4, "targets": "attn", "steps": 1500, "batch_size": 16, "lr": 1e-3,
+TRAIN_DEFAULTS = {"method": "lora", "rank": 4, "targets": "attn+conv", "steps": 1500, "batch_size": 16, "lr": 1e-3,
                   "lr_scheduler": "cosine", "warmup_steps": 50, "checkpoint_every": 100, "validate_every": 500,
                   "validation_steps": 1, "validation_guidance": 1.0, "validation_seeds": [0, 1]}
 # objective_options keys (TrainConfig.objective_options; part of the config a resume must match).
