@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from studio.cli import main
 from studio.files import read_jsonl
 from studio.train import SubjectObjective, TrainConfig, run_status, train
+from tests.test_train import _config  # the same tiny LoRA run settings
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -17,14 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def subject(make_subject):
     return make_subject(2, seed=0)
-
-
-def _config(tiny_sd_dir, subject, out, **extra):
-    settings = dict(base=str(tiny_sd_dir), images=str(subject), prompt="a photo of sks bag", method="lora", rank=2,
-                    steps=6, lr=1e-3, validate_every=0, validation_seeds=[], checkpoint_every=2, device="cpu",
-                    quiet=True, out=str(out))
-    settings.update(extra)
-    return settings
 
 
 def _poison(monkeypatch, bad_steps, value=float("nan")):
