@@ -100,8 +100,9 @@ class TrainConfig:
     repeats: int = _f(1, "how often each image appears per epoch")
     caption_dropout: float = _f(0.0, "probability of training a step on the empty prompt")
     prior_preservation: bool = _f(False, "also train on class images the base model generates itself")
-    class_prompt: str = _f(None, "prompt for the class images, e.g. 'a photo of a bag'")
-    class_images: int = _f(50, "number of class images for prior preservation")
+    class_prompt: list = _fl([], "prompt(s) for the class images, e.g. 'a photo of a bag'; several prompts "
+                                 "preserve several concepts at once")
+    class_images: int = _f(50, "class images per class prompt for prior preservation")
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
     class_sampling_steps: int = _f(25, "sampling steps for generating class images")
     class_cache: str = _f(None, "folder that caches class images (default: RUN_DIR/class_images)")
@@ -121,6 +122,12 @@ class TrainConfig:
     force: bool = _f(False, "resume even though the config changed")
     quiet: bool = _f(False, "no progress bar")
     objective_options: dict = field(default_factory=dict, metadata={"help": "options for a custom objective", "yaml_only": True})
+
+    def __post_init__(self):
+        if isinstance(self.class_prompt, str):  # one prompt, as older configs and the UI give it
+            self.class_prompt = [self.class_prompt] if self.class_prompt.strip() else []
+        elif self.class_prompt is None:
+            self.class_prompt = []
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -184,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"snr-gamma must be positive, got {self.snr_gamma!r}")
         if self.prior_preservation and not self.class_prompt:
             raise ValueError("prior preservation needs --class-prompt (e.g. 'a photo of a bag')")
+        if not all(isinstance(p, str) and p.strip() for p in self.class_prompt):
+            raise ValueError(f"class-prompt must be one or more non-empty prompts, got {self.class_prompt!r}")
         if not self.out:
             raise ValueError("name the run folder with --out RUN_DIR")
         if not isinstance(self.validation_seeds, list) or not all(isinstance(s, int) for s in self.validation_seeds):
@@ -603,20 +612,25 @@ class SubjectObjective(Objective):
         class_report = {}
         if cfg.prior_preservation:
             root = cfg.class_cache or (run.folder.path / "class_images")
-            folder = class_cache_folder(root, str(cfg.base), f"{cfg.class_prompt}|{cfg.class_sampling_steps}", size)
-            if run.accelerator.is_main_process:
-                run.say(f"class images: {cfg.class_images} for '{cfg.class_prompt}' in {folder}")
-                ensure_class_images(pipe, cfg.class_prompt, cfg.class_images, folder, size,
-                                    steps=cfg.class_sampling_steps, seed=cfg.seed)
-            run.accelerator.wait_for_everyone()
-            paths = [folder / f"class-{i:04d}.png" for i in range(cfg.class_images)]
-            class_pixels = torch.from_numpy(np.stack([load_image(p, size) for p in paths]))
-            self.class_latents = self._encode(run, class_pixels)
-            self.class_embeds = self._text(run, [cfg.class_prompt])[0]
-            class_report = {"class_prompt": cfg.class_prompt, "class_images": cfg.class_images, "class_folder": str(folder)}
+            latents, index, folders = [], [], []
+            for k, prompt in enumerate(cfg.class_prompt):
+                folder = class_cache_folder(root, str(cfg.base), f"{prompt}|{cfg.class_sampling_steps}", size)
+                if run.accelerator.is_main_process:
+                    run.say(f"class images: {cfg.class_images} for '{prompt}' in {folder}")
+                    ensure_class_images(pipe, prompt, cfg.class_images, folder, size,
+                                        steps=cfg.class_sampling_steps, seed=cfg.seed)
+                run.accelerator.wait_for_everyone()
+                paths = [folder / f"class-{i:04d}.png" for i in range(cfg.class_images)]
+                latents.append(self._encode(run, torch.from_numpy(np.stack([load_image(p, size) for p in paths]))))
+                index += [k] * cfg.class_images
+                folders.append(str(folder))
+            self.class_latents, self.class_index = torch.cat(latents), torch.tensor(index)
+            self.class_embeds = self._text(run, list(cfg.class_prompt))
+            class_report = {"class_prompt": list(cfg.class_prompt), "class_images": cfg.class_images,
+                            "class_folders": folders}
         self._plan = StepPlan(images=len(data.examples), repeats=cfg.repeats, batch_size=cfg.batch_size,
                               grad_accum=cfg.grad_accum, processes=run.accelerator.num_processes, steps=cfg.steps,
-                              class_images=cfg.class_images if cfg.prior_preservation else 0)
+                              class_images=len(self.class_latents) if cfg.prior_preservation else 0)
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -667,7 +681,7 @@ class SubjectObjective(Objective):
         if self.class_latents is not None:
             cpicks = example_indices(cfg.seed + 1, len(self.class_latents), start, batch)
             latents = torch.cat([latents, self.class_latents[cpicks]])
-            embeds = torch.cat([embeds, self.class_embeds.expand(batch, *self.class_embeds.shape)])
+            embeds = torch.cat([embeds, self.class_embeds[self.class_index[cpicks]]])
             noise = torch.cat([noise, draw(torch.randn, *latents.shape[1:])])
             timesteps = torch.cat([timesteps, draw(lambda shape, generator: torch.randint(0, steps_total, shape, generator=generator))])
         latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)

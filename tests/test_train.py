@@ -144,11 +144,13 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny_sd_dir, subject, tmp
 
 
 def test_every_option_together_trains(tiny_sd_dir, subject, tmp_path):
-    """Accumulation, prior preservation (class images made by the base model, cached), min-SNR, EMA, flips,
-    caption dropout, warm-up + cosine, gradient checkpointing, bf16 autocast on CPU: a finite loss and a result."""
+    """Accumulation, prior preservation over two class prompts (class images made by the base model, cached per
+    prompt), min-SNR, EMA, flips, caption dropout, warm-up + cosine, gradient checkpointing, bf16 autocast on CPU:
+    a finite loss and a result."""
     cache = tmp_path / "cache"
     settings = _config(tiny_sd_dir, subject, tmp_path / "run", steps=3, grad_accum=2, batch_size=2,
-                       prior_preservation=True, class_prompt="a photo of a bag", class_images=3, class_cache=str(cache),
+                       prior_preservation=True, class_prompt=["a photo of a bag", "a photo of a shirt"], class_images=3,
+                       class_cache=str(cache),
                        class_sampling_steps=2,
                        snr_gamma=5.0, ema_decay=0.9, flip=True, caption_dropout=0.2, lr_scheduler="cosine",
                        warmup_steps=1, gradient_checkpointing=True, mixed_precision="bf16", repeats=2)
@@ -157,7 +159,10 @@ def test_every_option_together_trains(tiny_sd_dir, subject, tmp_path):
     assert len(records) == 3 and all(np.isfinite(r["loss"]) and "prior_loss" in r for r in records)
     assert records[0]["lr"] < records[1]["lr"]  # warm-up
     pngs = sorted(cache.rglob("class-*.png"))
-    assert len(pngs) == 3
+    assert len(pngs) == 6 and len({p.parent for p in pngs}) == 2  # per prompt, its own cache folder
+    report = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert report["class_prompt"] == ["a photo of a bag", "a photo of a shirt"] and len(report["class_folders"]) == 2
+    assert report["plan"]["class_images"] == 6
     stamp = [p.stat().st_mtime_ns for p in pngs]
     train({**settings, "out": str(tmp_path / "run2")})
     assert [p.stat().st_mtime_ns for p in pngs] == stamp  # cached, not regenerated
@@ -262,3 +267,21 @@ def test_yaml_exponent_floats_are_numbers(tmp_path):
     assert config.lr == 1e-4 and config.weight_decay == 1e-2
     with pytest.raises(ValueError, match="lr must be a positive number"):
         TrainConfig.from_dict({"lr": "lots", "images": "x", "out": str(tmp_path / "o")})
+
+
+def test_subject_bench_makes_the_class_images_training_then_finds_cached(tiny_sd_dir, subject, tmp_path):
+    """`studio bench subject --prior N` generates the shared class images up front (so no method's wall time
+    includes them); a run with the bench's prior settings must find every one of them cached."""
+    from argparse import Namespace
+
+    from studio.bench.subject import _class_images
+
+    prior = {"prior_preservation": True, "class_prompt": ["a photo of a bag", "a photo of a shirt"],
+             "class_images": 2, "class_cache": str(tmp_path / "cache")}
+    _class_images(Namespace(base=str(tiny_sd_dir), device="cpu"), prior)
+    pngs = sorted((tmp_path / "cache").rglob("class-*.png"))
+    assert len(pngs) == 4
+    stamp = [p.stat().st_mtime_ns for p in pngs]
+    train(_config(tiny_sd_dir, subject, tmp_path / "run", steps=1, seed=0, class_sampling_steps=25, **prior))
+    assert sorted((tmp_path / "cache").rglob("class-*.png")) == pngs
+    assert [p.stat().st_mtime_ns for p in pngs] == stamp
