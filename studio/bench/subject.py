@@ -6,6 +6,11 @@ held-out class), (b) images of the 9 pretrained class prompts (prior preservatio
 after fine-tuning, next to the base model's) and (c) FD-classifier of those pretrained-class images.
 A learning curve (subject accuracy of the validation samples every few steps, and the loss) is kept per
 method, so a method that falls short shows where it stalled.
+
+Prior preservation (on by default, --prior N): every run also trains on N images per pretrained class prompt
+that the base model generated itself (made once, up front, shared by all methods). Without it every method
+that learns the subject also drifts the other prompts toward it. Evaluation seeds start at --eval-seed, clear
+of every seed used for training, class images or validation samples.
 """
 import os
 import subprocess
@@ -15,15 +20,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ALL_METHODS = ["lora", "dora", "loldu", "flora", "sara", "tlora", "full"]
-# Per-method starting points (the bench's --set METHOD.KEY=VALUE overrides any of them).
+# Per-method settings tuned on this benchmark (docs/training.md has what was tried); --steps and
+# --set METHOD.KEY=VALUE override them. Every run uses prior preservation unless --prior 0.
 METHOD_DEFAULTS = {
-    "lora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
-    "dora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
-    "loldu": {"rank": 4, "lr": 1e-2, "targets": "attn"},
-    "flora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
-    "tlora": {"rank": 4, "lr": 1e-3, "targets": "attn"},
-    "sara": {"rank": 4, "lr": 1e-3, "targets": "all"},
-    "full": {"lr": 1e-4},
+    "lora": {"rank": 4, "lr": 1e-3, "targets": "attn", "steps": 400},
+    "dora": {"rank": 4, "lr": 1e-3, "targets": "attn", "steps": 400},
+    "loldu": {"rank": 64, "lr": 2e-3, "targets": "attn+conv", "steps": 1000},
+    "flora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
+    "tlora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
+    "sara": {"rank": 4, "lr": 3e-3, "targets": "all", "steps": 600},
+    "full": {"lr": 1e-4, "steps": 300},
 }
 
 
@@ -31,7 +37,7 @@ def add_arguments(p):
     from studio.fashion import HELD_OUT, prompt_for
 
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods (and 'full')")
-    p.add_argument("--steps", type=int, default=300, help="training steps per method")
+    p.add_argument("--steps", type=int, default=None, help="training steps for every method (default: each method's own)")
     p.add_argument("--base", default="embedded")
     p.add_argument("--images", default=None, help=f"subject folder (default: assets/subjects/{HELD_OUT})")
     p.add_argument("--prompt", default=prompt_for(HELD_OUT), help="instance prompt = the evaluated subject prompt")
@@ -39,6 +45,11 @@ def add_arguments(p):
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a training setting for one method (or all.KEY=VALUE)")
     p.add_argument("--per-class", type=int, default=20, help="evaluation images per class prompt")
+    p.add_argument("--eval-seed", type=int, default=100_000,
+                   help="first evaluation seed (clear of the training, validation and class-image seeds)")
+    p.add_argument("--prior", type=int, default=8, metavar="N",
+                   help="prior preservation on the 9 pretrained class prompts, N class images each, generated once "
+                        "by the base model and shared by all methods (0 = off)")
     p.add_argument("--curve-every", type=int, default=0, help="learning-curve points every N steps (default steps/5)")
     p.add_argument("--curve-images", type=int, default=8, help="validation images per learning-curve point")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temp folder beside --json)")
@@ -87,6 +98,28 @@ def _train_in_subprocess(config: dict, folder: Path) -> dict:
     return {"wall_seconds": round(seconds, 1)}
 
 
+def _class_images(args, prior) -> float:
+    """Generate the shared class images once, up front, so no method's wall time includes them.
+    Same cache keys and seeds as `studio train` (training seed 0), so every run finds them cached."""
+    from pipelines import load_pipeline
+    from pipelines.text2image import native_size
+    from studio.data import class_cache_folder, ensure_class_images
+    from studio.train import TrainConfig
+
+    defaults = TrainConfig(images=".", out=".")
+    began = time.perf_counter()
+    pipe = load_pipeline(args.base, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    size = native_size(pipe)
+    for prompt in prior["class_prompt"]:
+        folder = class_cache_folder(prior["class_cache"], str(args.base), f"{prompt}|{defaults.class_sampling_steps}", size)
+        ensure_class_images(pipe, prompt, prior["class_images"], folder, size, steps=defaults.class_sampling_steps,
+                            seed=0)
+    seconds = round(time.perf_counter() - began, 1)
+    print(f"[subject] class images for prior preservation: {seconds} s", file=sys.stderr, flush=True)
+    return seconds
+
+
 def _curve(run_dir: Path, evaluator, class_name) -> list:
     """(step, subject accuracy of that step's validation samples, mean loss of the steps before it)."""
     from PIL import Image
@@ -119,7 +152,7 @@ def _evaluate(args, method, run_dir, evaluate_base):
         from adapters import load_adapter
 
         load_adapter(pipe.unet, run_dir / "adapter", name="subject")
-    return evaluate_base(args.base, per_class=args.per_class, pipe=pipe, device=args.device)
+    return evaluate_base(args.base, per_class=args.per_class, pipe=pipe, device=args.device, seed=args.eval_seed)
 
 
 def run(args):
@@ -141,27 +174,36 @@ def run(args):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     evaluator = load_evaluator()
 
-    base = evaluate_base(args.base, per_class=args.per_class, device=args.device)
+    base = evaluate_base(args.base, per_class=args.per_class, device=args.device, seed=args.eval_seed)
     rows = [{"method": "base (no fine-tuning)", "trainable_params": 0, "adapter_bytes": 0, "wall_seconds": 0.0,
              "peak_mem_mb": None, "subject_accuracy": round(base["held_out_accuracy"], 3),
              "prior_accuracy": round(base["prompt_accuracy"], 3), "prior_delta": 0.0, "fd": round(base["fd"], 3)}]
     curves, details = {}, {"base": base}
-    every = args.curve_every or max(1, args.steps // 5)
+    prior = {}
+    if args.prior:
+        from studio.fashion import PRETRAINED_CLASSES, prompt_for
+
+        prior = {"prior_preservation": True, "class_prompt": [prompt_for(c) for c in PRETRAINED_CLASSES],
+                 "class_images": args.prior, "class_cache": str(work / "class-images")}
+        details["prior_images_seconds"] = _class_images(args, prior)
     sampling = default_sampling(args.base)  # learning-curve samples use the evaluation's guidance and steps
     for method in methods:
         if method not in METHODS and method != "full":
             rows.append({"method": method, "error": "not available in adapters.METHODS yet"})
             continue
         run_dir = work / f"{stamp}-{method}"
+        settings = {**METHOD_DEFAULTS.get(method, {}), **({"steps": args.steps} if args.steps else {}),
+                    **overrides.get("all", {}), **overrides.get(method, {})}
+        steps = int(settings.setdefault("steps", 300))
         config = {"base": args.base, "images": str(images), "prompt": args.prompt, "method": method,
-                  "steps": args.steps, "batch_size": args.batch_size, "device": args.device, "out": str(run_dir),
-                  "validate_every": every, "validation_prompts": [args.prompt],
+                  "batch_size": args.batch_size, "device": args.device, "out": str(run_dir),
+                  "validate_every": args.curve_every or max(1, steps // 4), "validation_prompts": [args.prompt],
                   "validation_seeds": list(range(args.curve_images)),
                   "validation_steps": int(sampling.get("steps", 25)),
                   "validation_guidance": float(sampling.get("guidance", 2.0)),
-                  "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": 0, "cpu_threads": args.threads,
-                  **METHOD_DEFAULTS.get(method, {}), **overrides.get("all", {}), **overrides.get(method, {})}
-        print(f"[subject] {method}: training {args.steps} steps -> {run_dir}", file=sys.stderr, flush=True)
+                  "checkpoint_every": steps, "keep_checkpoints": 1, "seed": 0, "cpu_threads": args.threads,
+                  **prior, **settings}
+        print(f"[subject] {method}: training {steps} steps -> {run_dir}", file=sys.stderr, flush=True)
         outcome = _train_in_subprocess(config, run_dir)
         if "error" in outcome:
             rows.append({"method": method, "error": outcome["error"], "wall_seconds": outcome["wall_seconds"]})
@@ -175,7 +217,7 @@ def run(args):
         scores = _evaluate(args, method, run_dir, evaluate_base)
         curves[method] = _curve(run_dir, evaluator, HELD_OUT)
         details[method] = {"config": config, "status": status, "eval": scores}
-        rows.append({"method": method, "trainable_params": status.get("trainable_params"),
+        rows.append({"method": method, "steps": steps, "lr": config["lr"], "trainable_params": status.get("trainable_params"),
                      "adapter_bytes": status.get("result_bytes"), "wall_seconds": outcome["wall_seconds"],
                      "train_seconds": status.get("seconds"), "peak_mem_mb": peak,
                      "subject_accuracy": round(scores["held_out_accuracy"], 3),
@@ -190,9 +232,9 @@ def run(args):
 
 
 def _result(args, rows, curves, details, images) -> dict:
-    columns = ["method", "trainable_params", "adapter_bytes", "wall_seconds", "peak_mem_mb", "subject_accuracy",
+    columns = ["method", "steps", "lr", "trainable_params", "adapter_bytes", "wall_seconds", "peak_mem_mb", "subject_accuracy",
                "prior_accuracy", "prior_delta", "fd", "error"]
-    return {"rows": rows, "columns": columns, "curves": curves, "details": details, "steps": args.steps,
+    return {"rows": rows, "columns": columns, "curves": curves, "details": details, "prior_images": args.prior,
             "subject_prompt": args.prompt, "per_class": args.per_class, "images": str(images),
             "notes": ("subject_accuracy = share of subject-prompt images the evaluator calls the held-out class; "
                       "prior_accuracy = prompt accuracy on the 9 pretrained classes (delta vs the base model); "
