@@ -251,16 +251,19 @@ def final_error(scheduler, denoise, noise, final_target, ratios) -> float:
     return mse(Run(scheduler, denoise, noise).finish(), final_target)
 
 
-def validate_ratios(scheduler, denoise, noise, final_target, ratios) -> dict:
-    """On held-out noise: fall back to rho = 1, step by step, wherever that lowers the final error (each
-    check reruns only the rest of the trajectory), and to all ones if DC does not beat plain at all."""
+def validate_ratios(scheduler, denoise, noise, final_target, ratios, per_step: bool = False) -> dict:
+    """On held-out noise: keep the fitted ratios only if they beat rho = 1 there (else all ones).
+    per_step: also fall back to rho = 1, step by step, wherever that lowers the held-out error (each check reruns
+    only the rest of the trajectory). Off by default: with ~10 held-out samples whose errors are heavy-tailed
+    these per-step decisions follow the noise (on the embedded model it reverted the one step that cuts the
+    5-step error by 16% on 90 fresh seeds)."""
     ratios = [float(r) for r in ratios]
     plain = final_error(scheduler, denoise, noise, final_target, [1.0] * len(ratios))
     best = final_error(scheduler, denoise, noise, final_target, ratios)
     scheduler.set_timesteps(len(ratios))
     scheduler.compensation_ratios = list(ratios)
     run = Run(scheduler, denoise, noise)
-    while not run.done:
+    while per_step and not run.done:
         i = run.i
         if ratios[i] != 1.0:
             trial = run.clone()
@@ -401,7 +404,7 @@ def references_for(denoise, noise, scheduler, steps_list, reference_steps, progr
 def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "unipc", seed: int = 0,
                reference_steps: int = 60, bounds=(0.0, 2.0), default_guidance: float = 2.0,
                prompts=None, progress_factory=None, scheduler_overrides=None, refine: bool = False,
-               reference: str = "dpm++") -> dict:
+               reference: str = "dpm++", step_fallback: bool = False) -> dict:
     """Search ratios for every (steps, guidance), validate on held-out noise, fit the CPR. Returns the JSON dict."""
     started = time.time()
     steps_list = sorted({int(s) for s in steps_list})
@@ -431,7 +434,8 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
             if refine:
                 ratios = refine_ratios(scheduler, fit_denoise, noise[:samples], fit_targets[-1], ratios, bounds,
                                        progress=tick)
-            checked = validate_ratios(scheduler, fit_denoise, noise[samples:], targets[-1][samples:], ratios)
+            checked = validate_ratios(scheduler, fit_denoise, noise[samples:], targets[-1][samples:], ratios,
+                                      per_step=step_fallback)
             table.append({"steps": steps, "guidance": float(guidance), "ratios": checked["ratios"],
                           "greedy_ratios": found["ratios"], "step_losses": found["steps"],
                           "heldout_mse_plain": checked["mse_plain"], "heldout_mse_dc": checked["mse_dc"]})
@@ -453,7 +457,8 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
                       "grid": "contains every coarse timestep; targets are the states at exactly those timesteps"},
         "search": {"kind": "greedy bounded Brent per step" + (", then one coordinate sweep on the final error" if refine
                             else ""), "bounds": list(bounds), "target": "corrected state at t_{i+1}",
-                   "validation": "held-out noise; steps that do not help fall back to rho = 1"},
+                   "validation": "held-out noise: the ratios are kept only if they beat rho = 1 there" +
+                                 ("; steps that do not help fall back to rho = 1" if step_fallback else "")},
         "default_guidance": float(default_guidance), "table": table, "cpr_coeffs": coeffs,
         "cpr_max_abs_error": cpr_error, "seconds": round(time.time() - started, 1),
     }

@@ -46,6 +46,22 @@ def test_ratios_one_equal_unipc(prediction_type, guidance, steps):
     assert (compensated - reference).abs().max() > 1e-4  # the ratios do act
 
 
+def test_dc_order_sets_the_first_compensated_step():
+    """K + 1 buffered outputs are needed: with dc_order 2 the ratio of step 1 is inert, with dc_order 1 (linear
+    interpolation over two outputs) step 1 is the first one compensated; step 0 never is."""
+    model = gaussian_problem()
+    noise = _noise(6).float()
+
+    def run(order, ratios):
+        return sample(DCSolverScheduler.from_config(SPEC_CONFIG, dc_order=order, dc_ratios=ratios),
+                      model.guided(3.0), noise, 5)
+
+    plain = run(2, [1.0] * 5)
+    assert (run(2, [1.0, 1.3, 1.0, 1.0, 1.0]) - plain).abs().max() == 0
+    assert (run(1, [1.7, 1.0, 1.0, 1.0, 1.0]) - plain).abs().max() <= 1e-6
+    assert (run(1, [1.0, 1.3, 1.0, 1.0, 1.0]) - plain).abs().max() > 1e-4
+
+
 def test_dpm_variant_with_ratios_one_equals_dpm_solver_pp():
     model = gaussian_problem()
     noise = _noise(6).float()
@@ -114,6 +130,15 @@ def test_validation_falls_back_to_one_where_a_ratio_hurts():
     exact = model.solve(noise, scheduler.sigmas[0], scheduler.sigmas[-1])
     checked = validate_ratios(scheduler, model.guided(1.0), noise, exact, [1.0, 1.0, 1.0, 1.0, 5.0])
     assert checked["ratios"] == [1.0] * 5 and checked["mse_dc"] == pytest.approx(checked["mse_plain"])
+    # fitted ratios that help, plus one harmful step: kept as a whole by default (the table beats rho = 1),
+    # and per_step drops just the harmful step
+    targets = model.trajectory(noise, scheduler.sigmas, 1.0)
+    good = search_ratios(scheduler, model.guided(1.0), noise, targets)["ratios"]
+    mixed = good[:3] + [1.6] + good[4:]
+    whole = validate_ratios(scheduler, model.guided(1.0), noise, exact, mixed)
+    assert whole["ratios"] == mixed and whole["mse_dc"] < whole["mse_plain"]
+    stepwise = validate_ratios(scheduler, model.guided(1.0), noise, exact, mixed, per_step=True)
+    assert stepwise["ratios"][3] == 1.0 and stepwise["mse_dc"] < whole["mse_dc"]
 
 
 def test_reference_grid_contains_the_coarse_grid_and_targets_that_timestep():

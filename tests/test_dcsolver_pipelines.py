@@ -54,8 +54,10 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
     assert code == 0
     data = json.loads(out.read_text())
     assert len(data["table"]) == 4 and len(data["cpr_coeffs"]) == 36
+    order = data["scheduler_overrides"]["dc_order"]
+    assert order == 1  # the search's default; the scheduler's own default stays the paper's 2
     for entry in data["table"]:
-        assert len(entry["ratios"]) == entry["steps"] and entry["ratios"][:2] == [1.0, 1.0]
+        assert len(entry["ratios"]) == entry["steps"] and entry["ratios"][:order] == [1.0] * order
         assert entry["heldout_mse_dc"] <= entry["heldout_mse_plain"] + 1e-12  # validation never makes it worse
     assert "held-out MSE" in capsys.readouterr().out
     # a model folder carrying dc_solver.json gets its ratios through for_pipeline
@@ -63,6 +65,7 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
     try:
         pipe = load_pipeline(str(tiny_pixart_dir), device="cpu")
         scheduler = DCSolverScheduler.for_pipeline(pipe, guidance_scale=2.0)
+        assert scheduler.config.dc_order == order
         scheduler.set_timesteps(5)
         assert scheduler.compensation_ratios == next(e["ratios"] for e in data["table"]
                                                      if e["steps"] == 5 and e["guidance"] == 2.0)

@@ -97,7 +97,9 @@ def bench_base(base, args, evaluator, rows, notes):
         notes.append(f"{base}: no fitted DC-Solver ratios shipped: dc-solver runs with rho = 1 (= UniPC)")
     overrides = {}
     if args.timestep_spacing == "fitted" and fitted_file(base, "unipc").is_file():
-        overrides = json.loads(fitted_file(base, "unipc").read_text()).get("scheduler_overrides", {})
+        fitted = json.loads(fitted_file(base, "unipc").read_text()).get("scheduler_overrides", {})
+        # the grid settings only: the DC settings (dc_order) reach dc-solver through for_pipeline
+        overrides = {k: v for k, v in fitted.items() if k in ("timestep_spacing", "steps_offset")}
     elif args.timestep_spacing not in ("fitted", "model"):
         overrides = {"timestep_spacing": args.timestep_spacing, "steps_offset": int(args.timestep_spacing == "leading")}
     if overrides:

@@ -1,4 +1,5 @@
 """studio dc-search: fit DC-Solver compensation ratios and the CPR for a model; write them as JSON."""
+import argparse
 
 
 def _numbers(text, kind, name):
@@ -30,11 +31,19 @@ def add_arguments(p):
     p.add_argument("--bounds", default="0,2", help="search interval for each ratio")
     p.add_argument("--default-guidance", type=float, default=None,
                    help="guidance the scheduler assumes when not told (default: the model's own, from studio.json)")
-    p.add_argument("--refine", action="store_true",
-                   help="after the paper's greedy per-step search, one sweep on the final error (more model calls)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the paper's greedy per-step search, one coordinate sweep on the final error, the "
+                        "quantity that matters (default on; --no-refine for the paper's search alone)")
+    p.add_argument("--step-fallback", action="store_true",
+                   help="on the held-out noise, also fall back to rho = 1 step by step where that helps (noisy with "
+                        "few samples; by default a table is kept or dropped as a whole)")
     p.add_argument("--timestep-spacing", default="model", choices=["model", "linspace", "leading", "trailing"],
                    help="fit (and ship) the ratios for this spacing; leading also sets steps_offset 1, as SD does "
                         "(needed where a cosine schedule's t=999 blows up data prediction)")
+    p.add_argument("--dc-order", type=int, default=1,
+                   help="K: compensate with a Lagrange interpolation over K+1 buffered outputs, from step K+1 on. "
+                        "1 (linear; also compensates the second step) is what the embedded model fits best; "
+                        "2 is the paper's choice for SD")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (fit: seed.., held out: seed+samples..)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="the JSON file to write (ship it as <model folder>/dc_solver.json)")
@@ -52,6 +61,8 @@ def run(args):
     bounds = _numbers(args.bounds, float, "bounds")
     if len(bounds) != 2 or bounds[0] >= bounds[1]:
         raise ValueError(f"--bounds takes two increasing numbers, got '{args.bounds}'")
+    if args.dc_order < 1:
+        raise ValueError(f"--dc-order must be at least 1, got {args.dc_order}")
     if args.samples < 1:
         raise ValueError(f"--samples must be at least 1, got {args.samples}")
     if min(guidances) < 1:
@@ -64,7 +75,8 @@ def run(args):
         default_guidance = float(default_sampling(args.base).get("guidance", 2.0))
     result = run_search(pipe, steps, guidances, samples=args.samples, solver=args.solver,
                         seed=args.seed, reference_steps=args.reference_steps, bounds=tuple(bounds),
-                        default_guidance=default_guidance, scheduler_overrides=spacing_overrides(args.timestep_spacing), refine=args.refine, reference=args.reference,
+                        default_guidance=default_guidance, scheduler_overrides={**spacing_overrides(args.timestep_spacing), "dc_order": args.dc_order},
+                        refine=args.refine, reference=args.reference, step_fallback=args.step_fallback,
                         progress_factory=lambda total: tqdm(total=total, desc="dc-search", unit="call"))
     write_json(args.out, result)
     for entry in result["table"]:
