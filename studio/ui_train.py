@@ -354,8 +354,9 @@ def build(ctx) -> TrainTab:
                     flip = gr.Checkbox(label="Random flips", value=False, elem_id="train-flip")
                 with gr.Row():
                     prior = gr.Checkbox(label="Prior preservation", value=False, elem_id="train-prior")
-                    class_prompt = gr.Textbox(label="Class prompt", value="a photo of a bag", elem_id="train-class-prompt")
-                    class_images = gr.Number(label="Class images", value=50, precision=0, minimum=1,
+                    class_prompt = gr.Textbox(label="Class prompt(s), one per line", value="a photo of a bag", lines=1,
+                                              elem_id="train-class-prompt")
+                    class_images = gr.Number(label="Class images per prompt", value=50, precision=0, minimum=1,
                                              elem_id="train-class-images")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             submit_status = gr.Markdown(elem_id="train-submit-status")
@@ -444,7 +445,8 @@ def build(ctx) -> TrainTab:
                 config.update(rank=int(rank_v), alpha=float(alpha_v) if alpha_v else None,
                               targets=str(targets_v or "attn").strip(), adapter_options=parse_options(options_v))
             if prior_v:
-                config.update(class_prompt=str(class_prompt_v or "").strip(), class_images=int(class_images_v))
+                config.update(class_prompt=[line.strip() for line in str(class_prompt_v or "").splitlines() if line.strip()],
+                              class_images=int(class_images_v))
             if ctx.device:
                 config["device"] = ctx.device
             store = JobStore(ctx.home)

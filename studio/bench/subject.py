@@ -23,8 +23,8 @@ ALL_METHODS = ["lora", "dora", "loldu", "flora", "sara", "tlora", "full"]
 # Per-method settings tuned on this benchmark (docs/training.md has what was tried); --steps and
 # --set METHOD.KEY=VALUE override them. Every run uses prior preservation unless --prior 0.
 METHOD_DEFAULTS = {
-    "lora": {"rank": 4, "lr": 1e-3, "targets": "attn", "steps": 400},
-    "dora": {"rank": 4, "lr": 1e-3, "targets": "attn", "steps": 400},
+    "lora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
+    "dora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
     "loldu": {"rank": 64, "lr": 2e-3, "targets": "attn+conv", "steps": 1000},
     "flora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
     "tlora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
@@ -66,7 +66,13 @@ def _overrides(items) -> dict:
             raise ValueError(f"--set needs METHOD.KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         method, name = key.split(".", 1)
-        out.setdefault(method, {})[name.replace("-", "_")] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "3e-3" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out.setdefault(method, {})[name.replace("-", "_")] = parsed
     return out
 
 
