@@ -354,7 +354,7 @@ def build(ctx) -> TrainTab:
                     flip = gr.Checkbox(label="Random flips", value=False, elem_id="train-flip")
                 with gr.Row():
                     prior = gr.Checkbox(label="Prior preservation", value=False, elem_id="train-prior")
-                    class_prompt = gr.Textbox(label="Class prompt(s), one per line", value="a photo of a bag", lines=1,
+                    class_prompt = gr.Textbox(label="Class prompt(s), one per line", value="a photo of a bag", lines=2,
                                               elem_id="train-class-prompt")
                     class_images = gr.Number(label="Class images per prompt", value=50, precision=0, minimum=1,
                                              elem_id="train-class-images")
