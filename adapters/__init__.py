@@ -5,12 +5,12 @@
 
 The method interface (for adding a method) is documented in adapters/core.py.
 """
-from adapters.core import (PRESETS, AdapterConfig, AdapterHandle, AdapterLayer, attach, get_adapter, list_adapters,
-                           remove_adapter, set_weights)
+from adapters.core import (PRESETS, AdapterConfig, AdapterHandle, AdapterLayer, attach, cast_base, get_adapter,
+                           list_adapters, remove_adapter, set_weights)
 from adapters.io import load_adapter, read_adapter, save_adapter
 from adapters.registry import METHODS
 
-__all__ = ["AdapterConfig", "AdapterHandle", "AdapterLayer", "METHODS", "PRESETS", "attach", "get_adapter",
+__all__ = ["AdapterConfig", "AdapterHandle", "AdapterLayer", "METHODS", "PRESETS", "attach", "cast_base", "get_adapter",
            "list_adapters", "load_adapter", "read_adapter", "remove_adapter", "save_adapter", "set_weights",
            "export_lora"]
 

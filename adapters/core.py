@@ -407,8 +407,9 @@ def resolve_targets(model, cfg: AdapterConfig, exact: list[str] | None = None) -
 # ----------------------------------------------------------------------------------------------
 # attach / handles
 
-def build_layers(model, cfg: AdapterConfig, exact=None) -> dict:
-    """Build one method layer per target without touching the model."""
+def build_layers(model, cfg: AdapterConfig, exact=None, saved=None) -> dict:
+    """Build one method layer per target without touching the model. saved: the tensors of a saved adapter
+    about to be loaded; a method with a from_saved(base, cfg, its tensors) hook builds from them."""
     cls = method_class(cfg.method)
     targets = resolve_targets(model, cfg, exact)
     if cls.kind == "module":
@@ -417,6 +418,10 @@ def build_layers(model, cfg: AdapterConfig, exact=None) -> dict:
     prepare = getattr(cls, "prepare_targets", None)
     if prepare is not None and exact is None:
         tensors = prepare(cfg, tensors)  # a choice over all tensors at once (SaRA: one global θ)
+    from_saved = getattr(cls, "from_saved", None)
+    if from_saved is not None and saved is not None:
+        return {path: from_saved(tensor, cfg, {k[len(path) + 1:]: t for k, t in saved.items() if k.startswith(path + ".")})
+                for path, tensor in tensors.items()}
     return {path: cls(tensor, cfg) for path, tensor in tensors.items()}
 
 
@@ -569,14 +574,18 @@ def load_into_layers(layers: dict, tensors: dict):
         first = (missing or unexpected)[0]
         raise ValueError(f"adapter tensors do not fit this model: {len(missing)} missing, {len(unexpected)} unexpected "
                          f"(first: {first!r}); was it saved for a different architecture or method?")
+    # fingerprints first: a SaRA selection of another base also gives its other tensors other lengths
+    for full, (path, key, ref) in expected.items():
+        got = tensors[full]
+        if key in layers[path].fingerprints and (tuple(got.shape) != tuple(ref.shape) or
+                                                 not torch.equal(got.to(ref.dtype).cpu(), ref.cpu())):
+            raise ValueError(f"adapter tensor {full!r} does not match this base model's weights (fingerprint "
+                             f"differs): it was made for a different base model")
     for full, (path, key, ref) in expected.items():
         got = tensors[full]
         if tuple(got.shape) != tuple(ref.shape):
             raise ValueError(f"adapter tensor {full!r} has shape {tuple(got.shape)} but this model needs "
                              f"{tuple(ref.shape)}: the adapter was made for a different architecture")
-        if key in layers[path].fingerprints and not torch.equal(got.to(ref.dtype).cpu(), ref.cpu()):
-            raise ValueError(f"adapter tensor {full!r} does not match this base model's weights (fingerprint "
-                             f"differs): it was made for a different base model")
     with torch.no_grad():
         for full, (path, key, ref) in expected.items():
             ref.copy_(tensors[full].to(ref.dtype))
@@ -606,3 +615,16 @@ def set_weights(model, weights: dict[str, float]):
 
 def remove_adapter(model, name: str):
     get_adapter(model, name).detach()
+
+
+def cast_base(model, dtype):
+    """Store the frozen base in `dtype` (bf16/fp16 training, as diffusers' LoRA scripts do) while every tensor of
+    every attached adapter keeps its own dtype (fp32 trainables, SaRA's exact fp32 P0): model.to(dtype) would
+    round those too."""
+    keep = {id(t) for record in _records(model).values() for site in record.sites.values()
+            for t in (*site.adapters.parameters(), *site.adapters.buffers())}
+    for module in model.modules():
+        for group in (module._parameters, module._buffers):
+            for tensor in group.values():
+                if tensor is not None and tensor.is_floating_point() and id(tensor) not in keep and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)

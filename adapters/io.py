@@ -110,6 +110,6 @@ def load_adapter(model, path, name: str | None = None, weight: float = 1.0):
     name = name or Path(path).name
     if name in _records(model):
         raise ValueError(f"an adapter named {name!r} is already attached; pass another name")
-    layers = build_layers(model, cfg, exact=list(raw.get("target_modules", [])))
+    layers = build_layers(model, cfg, exact=list(raw.get("target_modules", [])), saved=tensors)
     load_into_layers(layers, tensors)
     return _install(model, name, cfg, layers, weight)

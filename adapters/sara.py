@@ -68,7 +68,7 @@ class _WriteValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, values, indices, p0, w):
-        weight.data.view(-1).index_put_((indices,), (p0 + w * values).to(weight.dtype))
+        _put(weight, indices, p0 + w * values)
         ctx.save_for_backward(indices)
         ctx.w, ctx.values_dtype = w, values.dtype
         return weight.view_as(weight)
@@ -77,6 +77,31 @@ class _WriteValues(torch.autograd.Function):
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
         return None, (ctx.w * grad.reshape(-1).index_select(0, indices)).to(ctx.values_dtype), None, None, None
+
+
+def _flat_storage(weight):
+    """weight.data as one flat run of its storage, and a map from logical flat indices to positions in it.
+    Covers contiguous and channels-last tensors (the layouts a model runs in); None for anything else."""
+    data = weight.data
+    if data.is_contiguous():
+        return data.view(-1), None
+    if data.dim() == 4 and data.is_contiguous(memory_format=torch.channels_last):
+        strides = data.stride()
+
+        def position(indices):
+            coords = torch.unravel_index(indices.long(), data.shape)
+            return sum(c * s for c, s in zip(coords, strides))
+        return data.as_strided((data.numel(),), (1,)), position
+    return None, None
+
+
+def _put(weight, indices, values) -> bool:
+    """weight[logical flat indices] = values, in place; False when the layout is not one _flat_storage maps."""
+    flat, position = _flat_storage(weight)
+    if flat is None:
+        return False
+    flat.index_put_((indices if position is None else position(indices),), values.to(weight.dtype))
+    return True
 
 
 def scatter_values(values, indices, shape, dtype=None) -> torch.Tensor:
@@ -134,9 +159,17 @@ class SaRA(AdapterLayer):
         _check_options(self.options)
         self.threshold = float(self.options["threshold"])
         self.shape = tuple(base.shape)
-        selected = base.detach().float().abs().reshape(-1) < self.threshold
+        self._select(base, (base.detach().float().abs().reshape(-1) < self.threshold).nonzero().reshape(-1))
+        self.regularizer_calls = 0
+        # the layers of this adapter, in build order (shared through the config object they are built from)
+        self._siblings = cfg.__dict__.setdefault("_sara_layers", [])
+        self._siblings.append(self)
+        self._eligible = None
+
+    def _select(self, base, indices):
+        """Set M (flat positions) and the per-entry state: ΔP = 0, so P = P0."""
         index_dtype = torch.int32 if base.numel() < 2 ** 31 else torch.int64
-        indices = selected.nonzero().reshape(-1).to(index_dtype)
+        indices = indices.to(device=base.device, dtype=index_dtype)
         self.register_buffer("sara_indices", indices)
         # P0 on M, recomputed from the base tensor (not saved): needed for |P| and the rank term
         self.register_buffer("p0", base.detach().float().reshape(-1).index_select(0, indices), persistent=False)
@@ -145,11 +178,30 @@ class SaRA(AdapterLayer):
         self.register_buffer("sara_frozen", torch.zeros(len(indices), dtype=torch.float32, device=base.device))
         self.register_buffer("sara_progressed", torch.zeros(1, dtype=torch.bool, device=base.device))
         self.is_matrix = base.dim() >= 2 and min(self.shape[0], math.prod(self.shape[1:])) >= 2 and len(indices) > 0
-        self.regularizer_calls = 0
-        # the layers of this adapter, in build order (shared through the config object they are built from)
-        self._siblings = cfg.__dict__.setdefault("_sara_layers", [])
-        self._siblings.append(self)
-        self._eligible = None
+
+    @classmethod
+    def from_saved(cls, base, cfg, saved: dict):
+        """Core hook for loading a saved adapter. On a half-precision base, |p| < θ on the rounded weights can
+        differ from the fp32 selection the adapter was trained with, for entries within rounding of θ. The
+        saved selection is taken when it agrees with this base up to that rounding; otherwise the layer is
+        built as usual and the fingerprint check reports a different base."""
+        layer = cls(base, cfg)
+        indices = saved.get("sara_indices")
+        if indices is None or base.dtype == torch.float32 or indices.dim() != 1 or \
+                torch.equal(indices.to(layer.sara_indices.dtype).cpu(), layer.sara_indices.cpu()):
+            return layer
+        indices = indices.long().cpu()
+        magnitude = base.detach().float().abs().reshape(-1).cpu()
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= magnitude.numel()):
+            return layer
+        chosen = torch.zeros(magnitude.numel(), dtype=torch.bool)
+        chosen[indices] = True
+        margin = layer.threshold * torch.finfo(base.dtype).eps  # more than half a unit of rounding near θ
+        if bool((chosen & (magnitude >= layer.threshold + margin)).any()) or \
+                bool((~chosen & (magnitude < layer.threshold - margin)).any()):
+            return layer
+        layer._select(base, indices)
+        return layer
 
     @classmethod
     def count(cls, base, cfg):
@@ -188,15 +240,18 @@ class SaRA(AdapterLayer):
 
     def write_into(self, weight, w: float):
         """Core hook: the adapted tensor without a dense copy (see _WriteValues); None declines (the core
-        then adds delta_weight out of place), for a storage whose flat order is not the logical one."""
-        if not weight.is_contiguous() or weight.shape != self.shape:
+        then adds delta_weight out of place), for a layout other than contiguous or channels-last."""
+        if weight.shape != self.shape or _flat_storage(weight)[0] is None:
             return None
         return _WriteValues.apply(weight, self.values(), self.sara_indices, self.p0, float(w))
 
     @torch.no_grad()
     def restore_into(self, weight):
-        """Put P0 back on M (p0 holds the exact base values: fp32 is exact for every float dtype)."""
-        weight.data.view(-1).index_put_((self.sara_indices,), self.p0.to(weight.dtype))
+        """Put P0 back on M (p0 holds the exact base values: fp32 is exact for every float dtype). The layout
+        may have changed since the write (model.to(memory_format=...)); the logical positions have not."""
+        if not _put(weight, self.sara_indices, self.p0):
+            weight.data.copy_(weight.data.contiguous().view(-1).index_put_((self.sara_indices,), self.p0.to(weight.dtype))
+                              .view(weight.shape))
 
     def nuclear_norm(self) -> torch.Tensor:
         """‖P ⊙ M‖_*: the masked matrix (small pretrained values + their updates), built from

@@ -94,12 +94,36 @@ def set_attention(pipe, attention: str = "auto") -> str:
     return backend
 
 
-def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "auto"):
+def use_tf32(device, enabled: bool = True) -> bool:
+    """TF32 matmuls and convolutions on CUDA (Ampere and later: ~8x fp32 throughput, 10-bit mantissa).
+    A process-wide switch; a no-op elsewhere. Returns whether it is on for this device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return bool(enabled)
+
+
+def set_channels_last(pipe, enabled: bool = True):
+    """Convolution-heavy modules (UNet, VAE) in channels-last memory order: faster convs on tensor cores."""
+    layout = torch.channels_last if enabled else torch.contiguous_format
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(memory_format=layout)
+    pipe.channels_last = bool(enabled)
+
+
+def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "auto", channels_last: bool = False,
+                  tf32: bool = True):
     """Load a text-to-image pipeline.
 
     source: "embedded" / "embedded-dit" (shipped under assets/), a local diffusers folder, or a hub id
     (the real from_pretrained path; it needs the weights in the local cache or a network).
     device: "cpu", "cuda", ... (default: cuda if available). dtype: torch dtype or "fp16"/"bf16"/"fp32".
+    attention: auto, xformers or sdpa (see set_attention). channels_last: UNet and VAE in channels-last order.
+    tf32: TF32 matmuls/convs on CUDA (on by default; process-wide).
     """
     from diffusers import DiffusionPipeline
 
@@ -128,6 +152,8 @@ def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "
         # A packaged text encoder is shared and loaded in fp32; match the pipeline's dtype.
         pipe.text_encoder = pipe.text_encoder.to(dtype) if getattr(pipe, "text_encoder", None) is not None else None
     pipe.to(device)
+    pipe.tf32 = use_tf32(device, tf32)
+    set_channels_last(pipe, channels_last)
     pipe.source = str(source)
     # Sampling defaults a studio-trained model recommends (guidance, steps); read by text2image.
     defaults = folder / "studio.json" if folder is not None else None

@@ -7,15 +7,15 @@ _PIPES: OrderedDict = OrderedDict()
 MAX_CACHED = 2
 
 
-def get_pipeline(base="embedded", device=None, dtype=None, attention="auto"):
+def get_pipeline(base="embedded", device=None, dtype=None, attention="auto", channels_last=False):
     """Load a pipeline once per process (least-recently-used cache of MAX_CACHED)."""
     from pipelines import load_pipeline
 
-    key = (str(base), str(device), str(dtype), attention)
+    key = (str(base), str(device), str(dtype), attention, bool(channels_last))
     if key in _PIPES:
         _PIPES.move_to_end(key)
         return _PIPES[key]
-    pipe = load_pipeline(base, device=device, dtype=dtype, attention=attention)
+    pipe = load_pipeline(base, device=device, dtype=dtype, attention=attention, channels_last=channels_last)
     pipe.set_progress_bar_config(disable=True)
     _PIPES[key] = pipe
     while len(_PIPES) > MAX_CACHED:
@@ -67,13 +67,13 @@ def apply_adapters(pipe, adapters=None) -> list:
 
 
 def run_generate(settings, base="embedded", out=None, device=None, dtype=None, attention="auto",
-                 preview=None, preview_every=0, stop=None, pipe=None, adapters=None):
+                 preview=None, preview_every=0, stop=None, pipe=None, adapters=None, channels_last=False):
     """Generate the images for `settings` (a pipelines.GenerationSettings); write PNGs if `out` is given.
     adapters: [(adapter folder, weight), ...] applied together (none: the plain base).
     Returns (images, paths)."""
     from pipelines.text2image import apply_model_defaults, generate
 
-    pipe = pipe or get_pipeline(base, device=device, dtype=dtype, attention=attention)
+    pipe = pipe or get_pipeline(base, device=device, dtype=dtype, attention=attention, channels_last=channels_last)
     apply_model_defaults(pipe, settings)
     settings.extra.setdefault("Model", str(base))
     if adapters:

@@ -57,8 +57,10 @@ FULL = "full"  # full fine-tuning of the UNet: the upper reference, no adapter
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-# Keys that may differ on --resume without changing the weights the run produces.
+ATTENTIONS = ("auto", "xformers", "sdpa")
+# Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
 RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
+               "attention", "channels_last", "tf32", "cpu_threads",
                "validation_prompts", "validation_seeds", "validation_steps", "validation_guidance"}
 
 
@@ -93,6 +95,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     mixed_precision: str = _f("auto", "auto (bf16/fp16 on GPU, fp32 on CPU), no, fp16, bf16")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    attention: str = _f("auto", "attention kernel: auto (xformers on CUDA where installed, else PyTorch SDPA), xformers, sdpa")
+    channels_last: bool = _f(False, "UNet and VAE in channels-last memory order (faster convolutions on GPUs)")
+    tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA (no effect on a CPU)")
     snr_gamma: float = _f(None, "min-SNR loss weighting gamma (5.0 is usual; default off)")
     ema_decay: float = _f(None, "keep an EMA of the trained weights with this decay (e.g. 0.999); saved as the result")
     resolution: int = _f(None, "training size in pixels (default: the model's native size)")
@@ -177,6 +182,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adamw or adamw8bit")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"unknown mixed-precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
         for name in ("alpha", "adapter_dropout", "weight_decay", "max_grad_norm", "snr_gamma", "ema_decay",
                      "caption_dropout", "prior_loss_weight", "validation_guidance"):
             value = getattr(self, name)
@@ -436,7 +443,10 @@ def peak_memory_mb(device) -> float:
 class Trainable:
     """The trained tensors and how they are saved, for an adapter method or full fine-tuning."""
 
-    def __init__(self, unet, config: TrainConfig):
+    def __init__(self, unet, config: TrainConfig, base_dtype=None):
+        """base_dtype (bf16/fp16 mixed precision): the frozen base is stored in it after the adapter is built
+        from the full-precision weights (SaRA's selection must not depend on rounding); full fine-tuning
+        keeps fp32 master weights."""
         self.unet, self.method = unet, config.method
         self.handle = None
         if config.method == FULL:
@@ -449,6 +459,10 @@ class Trainable:
                 raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(sorted(METHODS))}, {FULL}")
             unet.requires_grad_(False)
             self.handle = attach(unet, config.adapter_config(), name="default")
+            if base_dtype is not None:
+                from adapters import cast_base
+
+                cast_base(unet, base_dtype)
             self.params = self.handle.trainable_parameters()
             # Trainable tensors stay fp32 whatever the base's dtype (mixed precision casts at compute).
             for p in self.params:
@@ -762,13 +776,25 @@ def config_differences(saved: dict, new: dict) -> list:
     return [k for k in keys if saved.get(k) != new.get(k)]
 
 
-def _prepare_folder(folder: RunFolder, config: TrainConfig, is_main: bool):
-    """New run: refuse to overwrite another one. Resume: refuse a changed config unless forced."""
+def _checkpoint_processes(folder: RunFolder) -> int | None:
+    """How many processes wrote the checkpoint a resume would continue from."""
+    latest = folder.latest_checkpoint()
+    if latest is None or not (latest / "state.json").is_file():
+        return None
+    return int(json.loads((latest / "state.json").read_text()).get("processes", 1))
+
+
+def _prepare_folder(folder: RunFolder, config: TrainConfig, is_main: bool, processes: int = 1):
+    """New run: refuse to overwrite another one. Resume: refuse a changed config unless forced. A new process
+    count with the same global batch (batch-size x processes) is not a change: the run continues exactly."""
     saved = folder.read_config()
     if saved is not None and not config.resume:
         raise ValueError(f"{folder.path} already holds a run: add --resume to continue it, or choose another --out")
     if saved is not None:
         changed = config_differences(saved, config.to_dict())
+        before = _checkpoint_processes(folder)
+        if "batch_size" in changed and before and int(saved["batch_size"]) * before == config.batch_size * processes:
+            changed.remove("batch_size")
         if changed and not config.force:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.to_dict().get(k)!r}" for k in changed[:3])
             raise ValueError(f"the config changed since this run started ({shown}); resume with the saved config "
@@ -834,7 +860,7 @@ def train(config, objective: Objective = None, progress=None, stop=None) -> Path
     folder = RunFolder(config.out)
     accelerator = make_accelerator(config)
     is_main = accelerator.is_main_process
-    _prepare_folder(folder, config, is_main)
+    _prepare_folder(folder, config, is_main, accelerator.num_processes)
     accelerator.wait_for_everyone()
     threads = torch.get_num_threads()
     if config.cpu_threads:
@@ -863,7 +889,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
 
     is_main = accelerator.is_main_process
     log_file = JsonlLog(folder.log)
-    pipe = load_pipeline(config.base, device=accelerator.device)
+    pipe = load_pipeline(config.base, device=accelerator.device, attention=config.attention, tf32=config.tf32)
     if getattr(pipe, "unet", None) is None:
         raise ValueError(f"training supports UNet (Stable Diffusion-style) pipelines; {type(pipe).__name__} is not supported yet")
     pipe.set_progress_bar_config(disable=True)
@@ -876,7 +902,12 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
     plan = objective.plan()
     unet = pipe.unet
     torch.manual_seed(config.seed)  # adapter initialisation does not depend on what prepare() did
-    trainable = Trainable(unet, config)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    trainable = Trainable(unet, config, base_dtype=half if config.method != FULL else None)
+    if config.channels_last:
+        from pipelines.loading import set_channels_last
+
+        set_channels_last(pipe, True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -899,6 +930,8 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         log_file.truncate_after(start) if start else write_text(folder.log, "")
         info = {"trainable_params": trainable.num_trainable(), "method": config.method,
                 "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+                "base_dtype": str(next(unet.parameters()).dtype).replace("torch.", ""),
+                "attention": pipe.attention_backend, "channels_last": bool(config.channels_last), "tf32": pipe.tf32,
                 "processes": accelerator.num_processes, **report}
         write_json(folder.path / "data.json", info)
         if start == 0:
@@ -907,7 +940,8 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         if plan is not None:
             say(plan.describe())
         say(f"method {config.method}: {trainable.num_trainable():,} trainable parameters; "
-            f"precision {accelerator.mixed_precision}; device {accelerator.device}")
+            f"precision {accelerator.mixed_precision} (base {info['base_dtype']}); attention {info['attention']}; "
+            f"device {accelerator.device}")
         emit({"type": "plan", "text": plan.describe() if plan else "", "start": start, "steps": config.steps, **info})
         folder.write_status(state="running", step=start, steps=config.steps, pid=os.getpid())
     accelerator.wait_for_everyone()
@@ -1035,7 +1069,7 @@ def _validate(run, trainable, ema, step, emit):
     run.pipe.unet.eval()
     paths = []
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), accelerator.autocast():  # a half base with fp32 adapters
         state = (random.getstate(), np.random.get_state())
         for p_index, prompt in enumerate(prompts):
             for seed in config.validation_seeds:
@@ -1108,10 +1142,13 @@ def _load_checkpoint(path, run, trainable, optimizer, schedule, ema, objective, 
     if accelerator.scaler is not None and extra.get("scaler") is not None:
         accelerator.scaler.load_state_dict(extra["scaler"])
     objective.load_state_dict(extra.get("objective") or {})
-    rng_file = path / f"rng-{accelerator.process_index}.json"
-    if rng_file.is_file():
-        set_rng_state(load_state(path, f"rng-{accelerator.process_index}"), run.generator)
-    elif not run.config.force:
-        raise ValueError(f"checkpoint {path.name} was written by {state.get('processes')} process(es); resume with "
-                         f"the same number, or add --force (the random stream then differs)")
+    # The noise/timestep generator is the same on every process (each draws the global batch and keeps its
+    # share), so process 0's copy continues the run on any process count. The global torch/numpy/python
+    # streams (adapter dropout) are per process: this process's own where it existed, else process 0's.
+    rank = accelerator.process_index
+    own = (path / f"rng-{rank}.json").is_file() and int(state.get("processes", 1)) == accelerator.num_processes
+    set_rng_state(load_state(path, f"rng-{rank}" if own else "rng-0"), run.generator)
+    if not own:
+        run.say(f"resuming on {accelerator.num_processes} process(es) a checkpoint written by "
+                f"{state.get('processes')}: the same data order and noise; dropout streams restart from process 0's")
     return int(state["step"]), float(state.get("elapsed", 0.0))

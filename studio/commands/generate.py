@@ -15,7 +15,9 @@ def add_arguments(p):
     p.add_argument("--scheduler", default="default", help="default, ddim, euler, unipc, dpm++")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
-    p.add_argument("--attention", default="auto", choices=["auto", "xformers", "sdpa"])
+    p.add_argument("--attention", default="auto", choices=["auto", "xformers", "sdpa"],
+                   help="auto: xformers on CUDA where installed, else PyTorch SDPA")
+    p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory order (GPU convs)")
     p.add_argument("--out", required=True, help="a .png file, or a folder for numbered files")
     p.add_argument("--hires", default=None, help="DiffuseHigh: scales of the native size, e.g. 2 or 2,4 (saves the largest)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
@@ -49,7 +51,8 @@ def run(args):
         bars[0].update(step - bars[0].n)
 
     _, paths = run_generate(settings, base=args.base, out=args.out, device=args.device, dtype=args.dtype,
-                            attention=args.attention, preview=progress, preview_every=1, adapters=adapters)
+                            attention=args.attention, preview=progress, preview_every=1, adapters=adapters,
+                            channels_last=args.channels_last)
     for bar in bars:
         bar.close()
     for path in paths:
