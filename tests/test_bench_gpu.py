@@ -11,7 +11,7 @@ def bench_args():
 
     parser = argparse.ArgumentParser()
     gpu.add_arguments(parser)
-    return parser.parse_args(["--methods", "lora,sara", "--batches", "1", "--steps", "1", "--sample-steps", "1"])
+    return parser.parse_args(["--methods", "lora,sara,lora@sara", "--batches", "1", "--steps", "1", "--sample-steps", "1"])
 
 
 def test_cpu_rows_report_memory_and_sara_stays_below_full_fine_tuning(bench_args, one_torch_thread):
@@ -19,7 +19,10 @@ def test_cpu_rows_report_memory_and_sara_stays_below_full_fine_tuning(bench_args
 
     result = gpu.run(bench_args)
     rows = {row["variant"]: row for row in result["rows"] if "step_ms" in row}
-    assert set(rows) == {"lora", "sara", "peft-lora", "full"}, result["rows"]
+    assert set(rows) == {"lora", "sara", "lora@sara", "peft-lora", "full"}, result["rows"]
+    # LoRA at SaRA's budget (the paper's comparison): the rank whose count is nearest SaRA's
+    per_rank = rows["lora"]["trainable_params"] / rows["lora"]["rank"]
+    assert abs(rows["lora@sara"]["trainable_params"] - rows["sara"]["trainable_params"]) <= per_rank / 2
     assert all(math.isfinite(row["peak_mem_mib"]) and row["peak_mem_mib"] > 0 for row in rows.values())
     unet_params = rows["full"]["trainable_params"]
     # SaRA on random init selects the paper's share of entries (5.8%), by fraction

@@ -151,3 +151,44 @@ def test_generate_in_bf16_channels_last_with_a_sara_adapter_matches_fp32(tiny_sd
     pipe = get_pipeline(str(tiny_sd_dir), device="cpu", dtype="bf16", channels_last=True)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.channels_last
     assert np.abs(images["bf16"] - images[None]).mean() < 3  # of 255 (measured 0.45): bf16 rounding only
+
+
+# -- the same on a CUDA device (`make test-gpu`; skipped without one) ------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "xformers"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_bf16_channels_last_matches_the_fp32_cpu_reference(method, attention):
+    if attention == "xformers":
+        pytest.importorskip("xformers.ops")
+    unet, handle = _adapted(method)
+    x, t, e = _inputs(unet)
+    ref_out, ref_grads = _run(unet, handle, x, t, e)
+    unet.to("cuda")
+    cast_base(unet, torch.bfloat16)
+    unet.to(memory_format=torch.channels_last)
+    if attention == "xformers":
+        from diffusers.models.attention_processor import XFormersAttnProcessor
+
+        unet.set_attn_processor(XFormersAttnProcessor())
+    with torch.autocast("cuda", torch.bfloat16):
+        out, grads = _run(unet, handle, x.cuda().bfloat16().to(memory_format=torch.channels_last), t.cuda(),
+                          e.cuda().bfloat16())
+    assert (out.cpu() - ref_out).abs().max() <= 0.05 * ref_out.abs().max()
+    flat = torch.cat([g.flatten().cpu() for g in grads])
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert torch.nn.functional.cosine_similarity(flat, torch.cat([r.flatten() for r in ref_grads]), dim=0) > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "sara"])
+def test_cuda_training_in_bf16_with_channels_last(method, tiny_sd_dir, make_subject, tmp_path):
+    from studio.train import TrainConfig, train
+
+    options = {"adapter_options": {"fraction": 0.05}} if method == "sara" else {}
+    config = TrainConfig(base=str(tiny_sd_dir), images=str(make_subject(2, seed=3)), prompt="a photo of sks bag",
+                         method=method, targets="attn+conv", rank=2, steps=2, lr=1e-3, device="cuda",
+                         mixed_precision="bf16", channels_last=True, validate_every=0, validation_steps=2,
+                         checkpoint_every=0, quiet=True, out=str(tmp_path / "run"), **options)
+    info = json.loads((train(config) / "data.json").read_text())
+    assert info["base_dtype"] == "bfloat16" and info["tf32"] is True and info["device"].startswith("cuda")

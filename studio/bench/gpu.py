@@ -9,6 +9,7 @@ and what a step allocates, counted by studio.bench.live_memory).
 SaRA on a random-init UNet selects its entries by fraction (5.8%, the paper's ~50M of 860M at θ = 2e-3 on the
 pretrained SD1.5 weights): θ = 2e-3 on random weights would select 17.8%, a different method setting.
 """
+import argparse
 import statistics
 import time
 
@@ -37,6 +38,9 @@ def add_arguments(p):
     p.add_argument("--sd15", action="store_true", help="use the SD1.5 UNet even on a CPU (memory column)")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the UNet's, 64 for SD1.5)")
     p.add_argument("--compile", action="store_true", help="also time each variant with torch.compile(unet)")
+    p.add_argument("--channels-last", action="store_true", help="UNet and latents in channels-last memory order")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the peft-lora and full fine-tuning rows (--no-baselines: only --methods)")
 
 
 def _sync(device):
@@ -55,6 +59,36 @@ def _build_unet(args, device, dtype):
         with torch.device(device):  # initialise in place: an 860M UNet is slow to build on the CPU
             unet = UNet2DConditionModel(**config)
     return unet.to(device=device, dtype=dtype)
+
+
+def _lora_rank_for(args, device, budget: int) -> int:
+    """The LoRA rank (attention projections) whose trainable count is closest to `budget`: the SaRA paper
+    compares methods at equal parameter budgets (5M / 20M / 50M)."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(args.base, subfolder="unet") if args.base else \
+        (SD15_UNET if _sd15(args, device) else SMALL_UNET)
+    with torch.device("meta"):  # shapes only
+        unet = UNet2DConditionModel.from_config(config) if args.base else UNet2DConditionModel(**config)
+    per_rank = sum(m.in_features + m.out_features for name, m in unet.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in ATTN_TARGETS))
+    return max(1, round(budget / per_rank))
+
+
+def _variant(spec, rows, args, device):
+    """'lora' -> ('lora', --rank); 'lora@r64' -> rank 64; 'lora@sara' -> the rank matching the SaRA row's
+    trainable count (measured earlier in this run)."""
+    method, _, rank = spec.partition("@")
+    if not rank:
+        return method, args.rank
+    if rank.startswith("r") and rank[1:].isdigit():
+        return method, int(rank[1:])
+    if rank == "sara":
+        counts = [row["trainable_params"] for row in rows if row.get("variant") == "sara" and "trainable_params" in row]
+        if not counts:
+            raise ValueError(f"{spec}: list sara before it in --methods (its trainable count sets the rank)")
+        return method, _lora_rank_for(args, device, counts[-1])
+    raise ValueError(f"{spec}: write METHOD, METHOD@rN or METHOD@sara")
 
 
 def _sd15(args, device) -> bool:
@@ -102,7 +136,7 @@ def _flops_per_step(unet, inputs):
     return counter.get_total_flops()
 
 
-def _train_row(args, variant, batch, device, dtype, compile_unet=False):
+def _train_row(args, variant, batch, device, dtype, compile_unet=False, rank=None):
     import gc
 
     gc.collect()  # earlier rows' modules hold reference cycles: free them before measuring this row
@@ -110,13 +144,16 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False):
         torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     unet = _build_unet(args, device, dtype)
-    params = _prepare(unet, variant, args.rank, pretrained=bool(args.base))
+    rank = rank or args.rank
+    params = _prepare(unet, variant.partition("@")[0], rank, pretrained=bool(args.base))
     unet.train()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet.to(memory_format=layout)
     model = torch.compile(unet) if compile_unet else unet
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     size = args.latent or unet.config.sample_size
     gen = torch.Generator(device="cpu").manual_seed(0)
-    latents = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
+    latents = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype).to(memory_format=layout)
     text = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=gen).to(device, dtype)
     timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     target = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
@@ -142,7 +179,8 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False):
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _cpu_peak_mib(unet, optimizer, step)
     flops = _flops_per_step(unet, (latents, timesteps, text))
     seconds = statistics.median(times)
-    row = {"variant": variant + ("+compile" if compile_unet else ""), "batch": batch, "resident_before_mib": resident, "trainable_params": sum(p.numel() for p in params),
+    ranked = variant.partition("@")[0] not in ("sara", "full")
+    row = {"variant": variant + ("+compile" if compile_unet else ""), "batch": batch, "rank": rank if ranked else None, "resident_before_mib": resident, "trainable_params": sum(p.numel() for p in params),
            "step_ms": 1000 * seconds, "peak_mem_mib": peak, "tflops": flops / seconds / 1e12}
     del unet, optimizer, params
     if device.type == "cuda":
@@ -233,14 +271,16 @@ def run(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     batches = [int(b) for b in args.batches.split(",")]
-    variants = [m for m in args.methods.split(",") if m] + ["peft-lora", "full"]
+    variants = [m for m in args.methods.split(",") if m]
+    variants += [v for v in ("peft-lora", "full") if v not in variants and args.baselines]
     rows = []
     for batch in batches:
         for variant in variants:
             try:
-                rows.append(_train_row(args, variant, batch, device, dtype))
+                _, rank = _variant(variant, [r for r in rows if r.get("batch") == batch], args, device)
+                rows.append(_train_row(args, variant, batch, device, dtype, rank=rank))
                 if args.compile:
-                    rows.append(_train_row(args, variant, batch, device, dtype, compile_unet=True))
+                    rows.append(_train_row(args, variant, batch, device, dtype, compile_unet=True, rank=rank))
             except torch.OutOfMemoryError:
                 rows.append({"variant": variant, "batch": batch, "note": "out of memory"})
                 torch.cuda.empty_cache()
@@ -266,7 +306,8 @@ def run(args):
     unet_kind = "SD1.5 config" if _sd15(args, device) else "small UNet (SD1.5 block layout)"
     side = args.latent or (64 if unet_kind == "SD1.5 config" else 16)
     return {"rows": rows, "bf16_peak_tflops": peak, "unet": args.base or unet_kind, "dtype": str(dtype),
+            "channels_last": bool(args.channels_last),
             "resolution": f"{side}x{side} latents ({8 * side}x{8 * side})",
             "sara_selection": "threshold (pretrained base)" if args.base else SARA_RANDOM_INIT,
-            "columns": ["variant", "batch", "trainable_params", "step_ms", "peak_mem_mib", "tflops",
+            "columns": ["variant", "batch", "rank", "trainable_params", "step_ms", "peak_mem_mib", "tflops",
                         "util_of_bf16_peak", "images_per_s", "note"]}
