@@ -58,10 +58,13 @@ def _folder_overrides(folder: Path):
     return kwargs
 
 
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+
+
 def set_attention(pipe, attention: str = "auto") -> str:
     """Pick the attention kernel: xformers where it imports and the pipeline is on CUDA, else PyTorch SDPA.
     Returns the backend in use (also stored on pipe.attention_backend)."""
-    if attention not in ("auto", "xformers", "sdpa"):
+    if attention not in ATTENTION_BACKENDS:
         raise PipelineLoadError(f"unknown attention backend '{attention}': use auto, xformers or sdpa")
     on_cuda = pipe.device.type == "cuda"
     xformers_ok = False

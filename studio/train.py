@@ -57,7 +57,6 @@ FULL = "full"  # full fine-tuning of the UNet: the upper reference, no adapter
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-ATTENTIONS = ("auto", "xformers", "sdpa")
 # Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
 RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
                "attention", "channels_last", "tf32", "cpu_threads",
@@ -182,8 +181,10 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adamw or adamw8bit")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"unknown mixed-precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        from pipelines.loading import ATTENTION_BACKENDS
+
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         for name in ("alpha", "adapter_dropout", "weight_decay", "max_grad_norm", "snr_gamma", "ema_decay",
                      "caption_dropout", "prior_loss_weight", "validation_guidance"):
             value = getattr(self, name)

@@ -262,14 +262,12 @@ def _bf16_peak_tflops(device):
 
 
 def run(args):
-    from pipelines.loading import quiet_libraries
+    from pipelines.loading import quiet_libraries, use_tf32
 
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
     batches = [int(b) for b in args.batches.split(",")]
     variants = [m for m in args.methods.split(",") if m]
     variants += [v for v in ("peft-lora", "full") if v not in variants and args.baselines]
