@@ -42,6 +42,10 @@ adapted site (a layer, or a parameter tensor) and owns everything else. The subc
                              pivots) that must equal the saved ones on load, else the file belongs
                              to another base model and loading fails.
   layer_info(self) -> dict   (optional) per-site JSON kept in adapter_config.json.
+  no_decay = ()              name prefixes of trainable tensors that weight decay must not touch,
+                             because zero is not their neutral value (TLoRA's transform cores are
+                             identity at init, DoRA's magnitudes are the row norms, LoLDU's scalars
+                             the LU diagonal): decay would pull them away from the base model.
   count(cls, base, cfg) -> int   (optional classmethod) the spec's trainable-count formula.
   prepare_targets(cls, cfg, tensors) -> tensors   (optional classmethod, parameter kind) sees every
                              targeted tensor {path: tensor} before any layer is built, for a choice
@@ -70,10 +74,22 @@ from adapters.registry import METHODS
 
 _RECORDS = "_studio_adapters"  # attribute on the adapted model: {name: _Record}
 
-# Module-name regexes (matched in full against the module path). UNet2DConditionModel names are
-# shared by SD1.x/2.x/SDXL; DiT-family (DiT, PixArt, SD3 MMDiT, Flux) reuse the same attention names.
-_ATTN = r"(.*\.)?(attn\d?|attn)\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_FF = r"(.*\.)?(ff|ff_context)\.net\.(0\.proj|2)|(.*\.)?proj_mlp"
+# Module-name regexes (matched in full against the module path), one set for every family.
+# UNet2DConditionModel (SD1.x/2.x/SDXL): attn1 (self) and attn2 (cross) of each transformer block; ff = GEGLU
+#   net.0.proj + net.2; conv = resnet and down/up-sampler convs (not conv_in/conv_out: 4-channel edges whose
+#   rank limit is tiny).
+# DiTs: PixArt attn1/attn2; SD3/3.5 joint blocks' `attn` (image to_q/k/v, to_out.0 and context add_q/k/v_proj,
+#   to_add_out) and SD3.5's extra image self-attention `attn2`; Flux double-stream blocks name theirs as SD3, and
+#   single-stream blocks have attn.to_q/k/v only. ff = ff and ff_context, and in Flux single-stream blocks
+#   proj_mlp (D -> 4D) and proj_out. That proj_out maps [attention out | MLP hidden] (5D) -> D: the attention
+#   output projection and the MLP down-projection fused. It goes in ff, not attn, because 4/5 of it is the MLP
+#   half; "attn" then stays attention-sized on Flux (per double block 8 Linears, per single block 3) and
+#   "attn+ff" still covers every block Linear. DiT blocks hold no convolutions: "conv" matches nothing there,
+#   so UNet-minded defaults such as "attn+conv" mean "attn" on a DiT.
+# Never matched by attn/ff/conv: adaLN and norm Linears (norm1.linear, norm.linear, norm_out, adaln_single),
+# timestep/text/guidance embedders, patch embedding, the UNet's proj_in/proj_out and the final proj_out.
+_ATTN = r"(.*\.)?attn\d?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_FF = r"(.*\.)?(ff|ff_context)\.net\.(0\.proj|2)|(.*\.)?proj_mlp|(.*\.)?single_transformer_blocks\.\d+\.proj_out"
 _CONV = r"(.*\.)?(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(downsamplers|upsamplers)\.\d+\.conv)"
 PRESETS = {"attn": [_ATTN], "ff": [_FF], "conv": [_CONV], "all": [r".*"]}
 
@@ -175,6 +191,7 @@ class AdapterLayer(nn.Module):
     options: dict = {}
     delta_depends_on_base = False
     fingerprints: tuple = ()
+    no_decay: tuple = ()
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -500,6 +517,15 @@ class AdapterHandle:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(decayed, not decayed): the trainable tensors split by each method's `no_decay` prefixes."""
+        decayed, kept = [], []
+        for layer in self.layers.values():
+            for key, p in layer.named_parameters():
+                if p.requires_grad:
+                    (kept if key.startswith(tuple(layer.no_decay)) else decayed).append(p)
+        return decayed, kept
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

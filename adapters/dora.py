@@ -22,6 +22,7 @@ class DoRA(AdapterLayer):
     name = "dora"
     options = {"init": "kaiming"}
     delta_depends_on_base = True
+    no_decay = ("dora_magnitude",)  # the base's row norms, not zero, are neutral
 
     def __init__(self, base, cfg):
         super().__init__(cfg)

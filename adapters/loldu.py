@@ -22,6 +22,7 @@ class LoLDU(AdapterLayer):
     name = "loldu"
     options = {"init": "lu", "train_sigma": True}
     fingerprints = ("loldu_pivots",)
+    no_decay = ("loldu_z", "loldu_sigma")  # the LU diagonal and the scale: zero would erase the update
 
     def __init__(self, base, cfg):
         super().__init__(cfg)

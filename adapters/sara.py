@@ -14,8 +14,10 @@ Where the core cannot write in place (several adapters on a tensor, one merged) 
 ΔP into P's shape out of place, with the same backward.
 
 Low-rank regulariser: λ·‖P ⊙ M‖_* on the masked matrix built FROM sara_delta (so, unlike the
-official UB code, its gradient reaches the trainable values); one pseudo-random tensor per step
-(seeded by the step, so a resumed run picks the same ones); weight options["rank_weight"].
+official UB code, its gradient reaches the trainable values); after the progressive switch on the
+reduced mask M2, as the official code does. One pseudo-random tensor per step (seeded by the step, so
+a resumed run picks the same ones); weight options["rank_weight"]. Eligible: every tensor of >= 2 dims
+(convs flattened), not only the official code's 2-D ones with min(out, in) > 64 (docs/adapters-sara-tlora.md).
 
 Progressive adjustment (after options["progressive_at"] steps: an int, or a fraction of training,
 default 0.5): entries whose |P| grew to >= θ are frozen at their current value (kept in the
@@ -255,8 +257,12 @@ class SaRA(AdapterLayer):
 
     def nuclear_norm(self) -> torch.Tensor:
         """‖P ⊙ M‖_*: the masked matrix (small pretrained values + their updates), built from
-        sara_delta so that the gradient reaches it. Convs are flattened to (out, in·kh·kw)."""
-        masked = scatter_values(self.p0 + self.values(), self.sara_indices, self.shape)
+        sara_delta so that the gradient reaches it; after the progressive switch ‖P ⊙ M2‖_*, the
+        entries frozen there left out. Convs are flattened to (out, in·kh·kw)."""
+        entries = self.p0 + self.values()
+        if bool(self.sara_progressed):
+            entries = torch.where(self.sara_trainable, entries, torch.zeros_like(entries))
+        masked = scatter_values(entries, self.sara_indices, self.shape)
         return torch.linalg.svdvals(masked.reshape(self.shape[0], -1)).sum()
 
     @torch.no_grad()

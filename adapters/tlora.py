@@ -64,6 +64,7 @@ class TLoRA(AdapterLayer):
     name = "tlora"
     options = {"transform_rank": 2, "residual": "tr", "order": 3, "factors": {}}
     delta_depends_on_base = True  # W0·(T − I) reads W0
+    no_decay = ("tlora_T",)  # identity at init; the reference code decays them by 1e-4, not 1e-2
 
     def __init__(self, base, cfg):
         super().__init__(cfg)

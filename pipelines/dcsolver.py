@@ -8,11 +8,14 @@ outputs, evaluated at a shifted time tau_i = t_{i-1} + rho_i (t_i - t_{i-1}). rh
 Ratios for a run of N steps come from, in order: `dc_ratios` (explicit, length N) -> `dc_table` (fitted
 ratios for exactly this (N, guidance)) -> `cpr_coeffs` (cascade polynomial regression) -> all ones.
 `studio dc-search` fits tables and CPR coefficients; `DCSolverScheduler.for_pipeline(pipe)` loads the
-ones shipped for the loaded model.
+ones shipped for the loaded model. A fitted file also records the (N, guidance) range its ratios were
+validated on (`dc_validated`): outside it, or where CPR was not validated, CPR is not used (ratios 1 =
+UniPC, with one warning), since its polynomials extrapolate into harm.
 
 DCDPMSolverScheduler applies the same compensation to DPM-Solver++ (a predictor-only solver).
 """
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 
 FITTED_FILES = {"unipc": "dc_solver.json", "dpm++": "dc_dpmsolver.json"}  # per model folder
 CPR_TERMS = 36
+logger = logging.getLogger(__name__)
 
 
 def lagrange_compensate(values, times, tau: float):
@@ -44,12 +48,13 @@ def cpr_features(step: int, steps: int, guidance: float) -> list:
     return [x ** k * g ** (2 - j) * n ** (2 - l) for k in range(4) for j in range(3) for l in range(3)]
 
 
-def cpr_ratios(coeffs, steps: int, guidance: float) -> list:
-    """Ratios predicted by CPR for an N-step run at this guidance; steps 1 and 2 are never compensated."""
+def cpr_ratios(coeffs, steps: int, guidance: float, dc_order: int) -> list:
+    """Ratios predicted by CPR for an N-step run at this guidance. The first dc_order (K) steps are never
+    compensated (K + 1 buffered outputs are needed); the authors' K = 2 gives their "steps 1 and 2"."""
     if len(coeffs) != CPR_TERMS:
         raise ValueError(f"CPR needs {CPR_TERMS} coefficients, got {len(coeffs)}")
     c = np.asarray(coeffs, dtype=np.float64)
-    return [1.0 if i < 3 else float(np.dot(c, cpr_features(i, steps, guidance))) for i in range(1, steps + 1)]
+    return [1.0 if i <= dc_order else float(np.dot(c, cpr_features(i, steps, guidance))) for i in range(1, steps + 1)]
 
 
 def table_ratios(table, steps: int, guidance):
@@ -68,13 +73,32 @@ def fitted_file(source, solver: str = "unipc") -> Path:
     return Path(folder) / FITTED_FILES[solver]
 
 
+def table_range(table) -> dict:
+    """The (steps, guidance) box a dc_table spans, as a `dc_validated` value with CPR not validated."""
+    steps = [int(e["steps"]) for e in table]
+    guidances = [float(e["guidance"]) for e in table]
+    return {"steps": [min(steps), max(steps)], "guidance": [min(guidances), max(guidances)], "cpr": False}
+
+
+def in_range(validated, steps: int, guidance) -> bool:
+    lo, hi = validated["steps"]
+    g_lo, g_hi = validated["guidance"]
+    return guidance is not None and lo <= steps <= hi and g_lo - 1e-6 <= guidance <= g_hi + 1e-6
+
+
 def load_fitted(path) -> dict:
-    """Config overrides from a dc-search JSON file: dc_table, cpr_coeffs, guidance_scale, and the scheduler
-    settings the ratios were fitted with (e.g. the timestep spacing), since ratios only hold for those."""
+    """Config overrides from a dc-search JSON file: dc_table, cpr_coeffs, the validated range, guidance_scale,
+    and the scheduler settings the ratios were fitted with (e.g. the timestep spacing), since ratios only hold
+    for those. Files written before dc-search checked CPR count as validated at their table's points only."""
     data = json.loads(Path(path).read_text())
     table = [{"steps": int(e["steps"]), "guidance": float(e["guidance"]), "ratios": [float(r) for r in e["ratios"]]}
              for e in data.get("table", [])]
-    out = {**data.get("scheduler_overrides", {}), "dc_table": table, "cpr_coeffs": data.get("cpr_coeffs")}
+    validated = data.get("validated") or (table_range(table) if table else None)
+    if validated is not None:
+        validated = {"steps": [int(s) for s in validated["steps"]],
+                     "guidance": [float(g) for g in validated["guidance"]], "cpr": bool(validated.get("cpr"))}
+    out = {**data.get("scheduler_overrides", {}), "dc_table": table, "cpr_coeffs": data.get("cpr_coeffs"),
+           "dc_validated": validated}
     if data.get("default_guidance") is not None:
         out["guidance_scale"] = float(data["default_guidance"])
     return out
@@ -88,27 +112,58 @@ class DynamicCompensation:
             raise ValueError(f"dc_order must be at least 1, got {self.config.dc_order}")
         if self.config.cpr_coeffs is not None and len(self.config.cpr_coeffs) != CPR_TERMS:
             raise ValueError(f"cpr_coeffs must hold {CPR_TERMS} numbers, got {len(self.config.cpr_coeffs)}")
+        validated = self.config.dc_validated
+        if validated is not None and not all(len(validated.get(k) or []) == 2 for k in ("steps", "guidance")):
+            raise ValueError(f"dc_validated needs 'steps' and 'guidance' as [min, max], got {validated}")
         self.compensation_ratios = []
+        self.ratio_source = None
         self._dc_history = []  # (timestep, data prediction), oldest first; compensated values persist
+        self._warned_range = False
+
+    def _source(self, steps: int, guidance) -> str:
+        """Where an N-step run's ratios come from: "explicit", "table", "cpr", "unvalidated" (a fitted file's
+        ratios do not cover this point: ones) or "ones"."""
+        if self.config.dc_ratios is not None:
+            return "explicit"
+        if table_ratios(self.config.dc_table, steps, guidance) is not None:
+            return "table"
+        validated = self.config.dc_validated
+        if validated is not None:
+            return "cpr" if validated["cpr"] and self.config.cpr_coeffs is not None and in_range(
+                validated, steps, guidance) else "unvalidated"
+        if self.config.cpr_coeffs is not None and guidance is not None:
+            return "cpr"  # coefficients given directly (e.g. the authors' released ones): the caller's choice
+        return "ones"
 
     def resolve_ratios(self, steps: int, guidance=None) -> list:
         """The ratios an N-step run uses (see the module docstring for the order of sources)."""
         guidance = self.config.guidance_scale if guidance is None else guidance
-        explicit = self.config.dc_ratios
-        if explicit is not None:
+        source = self._source(steps, guidance)
+        if source == "explicit":
+            explicit = self.config.dc_ratios
             if len(explicit) != steps:
                 raise ValueError(f"dc_ratios has {len(explicit)} values but sampling uses {steps} steps")
             return [float(r) for r in explicit]
-        fitted = table_ratios(self.config.dc_table, steps, guidance)
-        if fitted is not None:
-            return fitted
-        if self.config.cpr_coeffs is not None and guidance is not None:
-            return cpr_ratios(self.config.cpr_coeffs, steps, guidance)
+        if source == "table":
+            return table_ratios(self.config.dc_table, steps, guidance)
+        if source == "cpr":
+            return cpr_ratios(self.config.cpr_coeffs, steps, guidance, self.config.dc_order)
         return [1.0] * steps
 
     def _reset_compensation(self, guidance=None):
-        self.compensation_ratios = self.resolve_ratios(self.num_inference_steps, guidance)
+        steps = self.num_inference_steps
+        guidance = self.config.guidance_scale if guidance is None else guidance
+        self.compensation_ratios = self.resolve_ratios(steps, guidance)
+        self.ratio_source = self._source(steps, guidance)
         self._dc_history = []
+        if self.ratio_source == "unvalidated" and not self._warned_range:
+            self._warned_range = True
+            validated = self.config.dc_validated
+            cfg = "unknown CFG" if guidance is None else f"CFG {guidance:g}"
+            logger.warning("DC-Solver: no validated ratios for %d steps at %s (fitted file validated for steps %d-%d, "
+                           "CFG %g-%g%s); sampling as plain UniPC (ratios 1). Fit this range with `studio dc-search`.",
+                           steps, cfg, *validated["steps"], *validated["guidance"],
+                           "" if validated["cpr"] else ", table points only")
 
     def _compensate(self, data_prediction):
         """Push the newest data prediction, return its compensated value (which also replaces it in the history)."""
@@ -128,7 +183,7 @@ class DynamicCompensation:
 
 
 class DCSolverScheduler(DynamicCompensation, UniPCMultistepScheduler):
-    """UniPC (multistep, predictor-corrector, data prediction) with dynamic compensation from the third step on.
+    """UniPC (multistep, predictor-corrector, data prediction) with dynamic compensation from step dc_order + 1 on.
 
     pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=[...])
     pipe.scheduler = DCSolverScheduler.for_pipeline(pipe, guidance_scale=2.0)   # shipped fitted ratios
@@ -170,6 +225,7 @@ class DCSolverScheduler(DynamicCompensation, UniPCMultistepScheduler):
         dc_ratios: list = None,
         dc_table: list = None,
         cpr_coeffs: list = None,
+        dc_validated: dict = None,
         guidance_scale: float = None,
     ):
         if solver_p is not None:
@@ -248,6 +304,7 @@ class DCDPMSolverScheduler(DynamicCompensation, DPMSolverMultistepScheduler):
         dc_ratios: list = None,
         dc_table: list = None,
         cpr_coeffs: list = None,
+        dc_validated: dict = None,
         guidance_scale: float = None,
     ):
         if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):

@@ -12,16 +12,19 @@ between the corrected state at t_{i+1} (predictor, one model call, UniC correcto
 there; the last step compares the final output. A derivative-free search needs no UNet backward, which
 is what makes it cheap on a CPU. Optionally (on by default) one sweep of coordinate descent then tunes
 each ratio against the final error, which the greedy match does not minimise. Ratios are validated on
-held-out noise: any step whose ratio does not lower the held-out final error falls back to rho = 1.
+held-out noise: a table that does not lower the held-out final error falls back to rho = 1. CPR, fitted on
+the tables, is checked the same way at every grid point and at one point inside each grid cell; the file
+records the (steps, guidance) box where it showed no loss, and the scheduler uses CPR only there.
 """
 import copy
+import itertools
 import time
 
 import numpy as np
 import torch
 
-from pipelines.dcsolver import (CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, lagrange_compensate,
-                               scheduler_fingerprint)
+from pipelines.dcsolver import (CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, cpr_ratios,
+                               lagrange_compensate, scheduler_fingerprint, table_range)
 
 
 def mse(a, b) -> float:
@@ -278,12 +281,13 @@ def validate_ratios(scheduler, denoise, noise, final_target, ratios, per_step: b
     return {"ratios": ratios, "mse_plain": plain, "mse_dc": best}
 
 
-def fit_cpr(table) -> tuple:
-    """Least-squares CPR coefficients from fitted ratio tables -> (36 coefficients, max abs error on the table)."""
+def fit_cpr(table, dc_order: int) -> tuple:
+    """Least-squares CPR coefficients from fitted ratio tables -> (36 coefficients, max abs error on the table).
+    Fitted on the compensated steps only, i > dc_order (1-based): the first dc_order ratios are always 1."""
     rows, values = [], []
     for entry in table:
         steps = int(entry["steps"])
-        for i in range(3, steps + 1):
+        for i in range(dc_order + 1, steps + 1):
             rows.append(cpr_features(i, steps, float(entry["guidance"])))
             values.append(float(entry["ratios"][i - 1]))
     if not rows:
@@ -293,6 +297,44 @@ def fit_cpr(table) -> tuple:
     scale[scale == 0] = 1.0  # column scaling keeps lstsq well conditioned; undone below
     coeffs = np.linalg.lstsq(a / scale, y, rcond=None)[0] / scale
     return [float(c) for c in coeffs], float(np.abs(a @ coeffs - y).max())
+
+
+def cpr_check_points(steps_list, guidances) -> list:
+    """Where CPR is held-out-checked: every grid point, plus one point inside each grid cell (mean guidance, mean
+    step count rounded down), where the scheduler relies on CPR alone. -> sorted [(steps, guidance)]."""
+    steps_list, guidances = sorted(set(steps_list)), sorted(set(guidances))
+
+    def middles(values, between):
+        return [between(a, b) for a, b in zip(values[:-1], values[1:])] or values
+
+    points = {(s, g) for s in steps_list for g in guidances}
+    points |= {(s, g) for s in middles(steps_list, lambda a, b: (a + b) // 2)
+               for g in middles(guidances, lambda a, b: (a + b) / 2)}
+    return sorted(points)
+
+
+def validated_range(steps_list, guidances, checks) -> dict:
+    """The largest grid-aligned (steps, guidance) box in which CPR showed no held-out loss against UniPC at any
+    checked point -> {"steps": [lo, hi], "guidance": [lo, hi], "cpr": True}. A box must span every axis the grid
+    spans (CPR is only needed between grid points). Without one: the grid's box with "cpr": False (table only)."""
+    steps_list, guidances = sorted(set(steps_list)), sorted(set(guidances))
+    points = [(c["steps"], c["guidance"]) for c in checks]
+    lost = {(c["steps"], c["guidance"]) for c in checks if c["heldout_mse_cpr"] > c["heldout_mse_plain"]}
+
+    def spans(values):  # every [lo, hi] of grid values, lo < hi unless the grid has a single value
+        return [(lo, hi) for i, lo in enumerate(values) for hi in values[i + (len(values) > 1):]]
+
+    best, best_score = None, None
+    for (s_lo, s_hi), (g_lo, g_hi) in itertools.product(spans(steps_list), spans(guidances)):
+        inside = [(s, g) for s, g in points if s_lo <= s <= s_hi and g_lo <= g <= g_hi]
+        if lost & set(inside):
+            continue
+        score = (sum(s_lo <= s <= s_hi for s in steps_list) * sum(g_lo <= g <= g_hi for g in guidances), len(inside))
+        if best_score is None or score > best_score:
+            best, best_score = {"steps": [s_lo, s_hi], "guidance": [g_lo, g_hi], "cpr": True}, score
+    if best is None:
+        return table_range([{"steps": s, "guidance": g} for s in steps_list for g in guidances])
+    return best
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,6 +443,30 @@ def references_for(denoise, noise, scheduler, steps_list, reference_steps, progr
     return out
 
 
+def check_cpr(pipe, coeffs, scheduler, noise, prompts, points, known, reference_steps, reference="dpm++",
+              progress=None) -> list:
+    """CPR's ratios against rho = 1 (UniPC) on held-out noise at each (steps, guidance) point. known: {(steps,
+    guidance): (final target, UniPC's held-out MSE)} from the search; other points get their own reference."""
+    checks = []
+    for guidance in sorted({g for _, g in points}):
+        steps_here = [s for s, g in points if g == guidance]
+        denoise = pipeline_denoiser(pipe, prompts, guidance)
+        missing = [s for s in steps_here if (s, guidance) not in known]
+        references = references_for(denoise, noise, scheduler, missing, reference_steps, progress,
+                                    method=reference) if missing else {}
+        for steps in steps_here:
+            target, plain = known.get((steps, guidance)) or (references[steps][-1], None)
+            if plain is None:
+                plain = final_error(scheduler, denoise, noise, target, [1.0] * steps)
+            ratios = cpr_ratios(coeffs, steps, guidance, scheduler.config.dc_order)
+            checks.append({"steps": steps, "guidance": guidance, "grid": (steps, guidance) in known, "ratios": ratios,
+                           "heldout_mse_plain": plain,
+                           "heldout_mse_cpr": final_error(scheduler, denoise, noise, target, ratios)})
+            if progress is not None:
+                progress(1)
+    return checks
+
+
 def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "unipc", seed: int = 0,
                reference_steps: int = 60, bounds=(0.0, 2.0), default_guidance: float = 2.0,
                prompts=None, progress_factory=None, scheduler_overrides=None, refine: bool = False,
@@ -408,6 +474,7 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
     """Search ratios for every (steps, guidance), validate on held-out noise, fit the CPR. Returns the JSON dict."""
     started = time.time()
     steps_list = sorted({int(s) for s in steps_list})
+    guidances = [float(g) for g in guidances]
     if not steps_list or min(steps_list) < 3:
         raise ValueError("give step counts of at least 3 (the first two steps are never compensated)")
     fit_seeds = list(range(seed, seed + samples))
@@ -417,10 +484,18 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
     noise = pipeline_noise(pipe, fit_seeds + val_seeds)
     scheduler = make_dc_scheduler(pipe.scheduler.config, solver, **(scheduler_overrides or {}))
     searched = sum(max(0, s - scheduler.config.dc_order) for s in steps_list) * len(guidances) * (2 if refine else 1)
-    total = sum(len(g) - 1 for g, _ in reference_plan(scheduler, steps_list, reference_steps)) * len(guidances) + searched
+    points = cpr_check_points(steps_list, guidances)
+    between = {}  # guidance -> step counts checked off the grid (they need their own references)
+    for n, g in points:
+        if n not in steps_list or g not in guidances:
+            between.setdefault(g, []).append(n)
+    checked_calls = len(points) + sum(len(grid) - 1 for g, ss in between.items()
+                                      for grid, _ in reference_plan(scheduler, ss, reference_steps))
+    total = (sum(len(g) - 1 for g, _ in reference_plan(scheduler, steps_list, reference_steps)) * len(guidances)
+             + searched + checked_calls)
     bar = progress_factory(total) if progress_factory else None
     tick = bar.update if bar is not None else None
-    table = []
+    table, known = [], {}
     for guidance in guidances:
         denoise = pipeline_denoiser(pipe, prompts + prompts, float(guidance))  # fit and held-out halves
         references = references_for(denoise, noise, scheduler, steps_list, reference_steps, tick, method=reference)
@@ -439,12 +514,16 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
             table.append({"steps": steps, "guidance": float(guidance), "ratios": checked["ratios"],
                           "greedy_ratios": found["ratios"], "step_losses": found["steps"],
                           "heldout_mse_plain": checked["mse_plain"], "heldout_mse_dc": checked["mse_dc"]})
+            known[(steps, guidance)] = (targets[-1][samples:], checked["mse_plain"])
             if bar is not None:
                 bar.set_postfix_str(f"steps {steps} cfg {guidance:g}: held-out MSE {checked['mse_plain']:.3g} -> "
                                     f"{checked['mse_dc']:.3g}")
+    coeffs, cpr_error = fit_cpr(table, scheduler.config.dc_order)
+    if bar is not None:
+        bar.set_postfix_str("held-out check of CPR")
+    checks = check_cpr(pipe, coeffs, scheduler, noise[samples:], prompts, points, known, reference_steps, reference, tick)
     if bar is not None:
         bar.close()
-    coeffs, cpr_error = fit_cpr(table)
     keep = ("solver_order", "solver_type", "disable_corrector", "lower_order_final", "final_sigmas_type", "dc_order",
             "algorithm_type", "use_karras_sigmas")
     return {
@@ -458,7 +537,10 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
         "search": {"kind": "greedy bounded Brent per step" + (", then one coordinate sweep on the final error" if refine
                             else ""), "bounds": list(bounds), "target": "corrected state at t_{i+1}",
                    "validation": "held-out noise: the ratios are kept only if they beat rho = 1 there" +
-                                 ("; steps that do not help fall back to rho = 1" if step_fallback else "")},
+                                 ("; steps that do not help fall back to rho = 1" if step_fallback else "") +
+                                 "; CPR is checked against rho = 1 at every grid point and inside every grid cell, "
+                                 "and used only in the validated box where it never lost"},
         "default_guidance": float(default_guidance), "table": table, "cpr_coeffs": coeffs,
-        "cpr_max_abs_error": cpr_error, "seconds": round(time.time() - started, 1),
+        "cpr_max_abs_error": cpr_error, "validated": validated_range(steps_list, guidances, checks),
+        "cpr_check": checks, "seconds": round(time.time() - started, 1),
     }

@@ -1,6 +1,7 @@
 """DC-Solver: equal to diffusers' UniPC at rho = 1, better than it on the analytic Gaussian test bed once
 ratios are fitted, diffusers-native config handling, CPR against the authors' released coefficients."""
 import json
+import logging
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from pipelines.dcsolver import (DCDPMSolverScheduler, DCSolverScheduler, cpr_ratios, lagrange_compensate,
                                 load_fitted)
 from pipelines.gaussian_testbed import SD_SCHEDULER_CONFIG, gaussian_problem
-from studio.dcsearch import (ddim_reference, final_error, fine_grid, fit_cpr, refine_ratios, sample, search_ratios,
-                             validate_ratios)
+from studio.dcsearch import (cpr_check_points, ddim_reference, final_error, fine_grid, fit_cpr, refine_ratios, sample,
+                             search_ratios, validate_ratios, validated_range)
 
 # The spec's reference setting (sampling.md 0.3): UniPC bh2, order 2, final sigma at t=0, no corrector after step 0.
 SPEC_CONFIG = dict(SD_SCHEDULER_CONFIG, final_sigmas_type="sigma_min", disable_corrector=[0])
@@ -171,18 +172,34 @@ def test_cpr_reproduces_the_released_sd21_vectors():
         (5, 1.5): [1, 1, 0.9098, 1.1564, 1.3079],
     }
     for (steps, guidance), ratios in expected.items():
-        assert cpr_ratios(SD21_CPR, steps, guidance) == pytest.approx(ratios, abs=1e-4)
+        assert cpr_ratios(SD21_CPR, steps, guidance, 2) == pytest.approx(ratios, abs=1e-4)
     scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, cpr_coeffs=SD21_CPR, guidance_scale=7.5)
     scheduler.set_timesteps(5)
     assert scheduler.compensation_ratios == pytest.approx(expected[(5, 7.5)], abs=1e-4)
 
 
 def test_cpr_fit_recovers_tables_generated_by_cpr():
-    table = [{"steps": n, "guidance": g, "ratios": cpr_ratios(SD21_CPR, n, g)}
+    table = [{"steps": n, "guidance": g, "ratios": cpr_ratios(SD21_CPR, n, g, 2)}
              for n in (5, 6, 8, 10) for g in (1.5, 3.0, 7.5)]
-    coeffs, error = fit_cpr(table)
+    coeffs, error = fit_cpr(table, 2)
     assert error < 1e-6
-    assert cpr_ratios(coeffs, 7, 5.0) == pytest.approx(cpr_ratios(SD21_CPR, 7, 5.0), abs=1e-3)
+    assert cpr_ratios(coeffs, 7, 5.0, 2) == pytest.approx(cpr_ratios(SD21_CPR, 7, 5.0, 2), abs=1e-3)
+
+
+def test_cpr_with_dc_order_1_compensates_the_second_step():
+    """K = 1 tables compensate step 2 (where most of the 5-step gain is); CPR used to pin it to 1."""
+    shipped = [{"steps": 5, "guidance": 3.0, "ratios": [1.0, 1.34, 1.0, 0.96, 1.51]}]  # the K = 1 fit's entry
+    coeffs, error = fit_cpr(shipped, 1)
+    assert error < 1e-6 and cpr_ratios(coeffs, 5, 3.0, 1) == pytest.approx(shipped[0]["ratios"], abs=1e-6)
+    table = [{"steps": n, "guidance": g, "ratios": cpr_ratios(SD21_CPR, n, g, 1)}
+             for n in (5, 6, 8, 10) for g in (1.5, 3.0, 7.5)]
+    coeffs, error = fit_cpr(table, 1)
+    predicted = cpr_ratios(coeffs, 7, 5.0, 1)
+    assert error < 1e-6 and predicted[0] == 1.0 and abs(predicted[1] - 1.0) > 0.1
+    assert predicted == pytest.approx(cpr_ratios(SD21_CPR, 7, 5.0, 1), abs=1e-3)
+    scheduler = DCSolverScheduler.from_config(SD_SCHEDULER_CONFIG, dc_order=1, cpr_coeffs=coeffs, guidance_scale=5.0)
+    scheduler.set_timesteps(7)
+    assert scheduler.compensation_ratios == pytest.approx(predicted)  # the scheduler hands CPR its own K
 
 
 def test_ratio_sources_in_order_of_precedence():
@@ -192,9 +209,9 @@ def test_ratio_sources_in_order_of_precedence():
     scheduler.set_timesteps(5)
     assert scheduler.compensation_ratios == [1, 1, 1.1, 1.2, 1.3]  # fitted table first
     scheduler.set_timesteps(6)
-    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 6, 2.0))  # then CPR
-    scheduler.set_timesteps(5, guidance_scale=7.5)
-    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 5, 7.5))
+    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 6, 2.0, 2))  # then CPR
+    scheduler.set_timesteps(5, guidance_scale=7.5)  # coefficients given directly: no validated range to keep to
+    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 5, 7.5, 2))
     explicit = DCSolverScheduler.from_config(scheduler.config, dc_ratios=[1, 1, 0.9, 0.9, 0.9])
     explicit.set_timesteps(5)
     assert explicit.compensation_ratios == [1, 1, 0.9, 0.9, 0.9]  # explicit ratios win
@@ -289,3 +306,68 @@ def test_fitted_file_carries_its_grid_and_is_ignored_for_another_schedule(tmp_pa
     assert scheduler.compensation_ratios == [1, 1, 0.9, 1, 1]
     assert fits(path, SD_SCHEDULER_CONFIG)
     assert not fits(path, dict(SD_SCHEDULER_CONFIG, beta_schedule="squaredcos_cap_v2"))
+
+
+def _write_fitted(path, **fields):
+    """A dc-search file fitted at (5 steps, CFG 2) and (8 steps, CFG 3) with K = 1, CPR included."""
+    table = [{"steps": 5, "guidance": 2.0, "ratios": [1, 1.2, 1.1, 0.9, 1.3]},
+             {"steps": 8, "guidance": 3.0, "ratios": [1, 1.1, 1, 1, 0.9, 1, 1, 1.2]}]
+    path.write_text(json.dumps({"table": table, "cpr_coeffs": SD21_CPR, "default_guidance": 2.0,
+                                "scheduler_overrides": {"dc_order": 1}, **fields}))
+    return path
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipelines.dcsolver"]
+
+
+def test_fitted_file_outside_its_validated_range_is_unipc_with_one_warning(tmp_path, caplog):
+    path = _write_fitted(tmp_path / "dc_solver.json", validated={"steps": [5, 8], "guidance": [2, 3], "cpr": True})
+    scheduler = DCSolverScheduler.from_config(SPEC_CONFIG, **load_fitted(path))
+    scheduler.set_timesteps(6, guidance_scale=2.5)  # inside the box, off the table: CPR, with K = 1
+    assert scheduler.compensation_ratios == pytest.approx(cpr_ratios(SD21_CPR, 6, 2.5, 1))
+    assert scheduler.ratio_source == "cpr" and not _warnings(caplog)
+    model, noise = gaussian_problem(), _noise(6).float()
+    unipc = UniPCMultistepScheduler.from_config(SPEC_CONFIG)
+    for steps in (6, 10):  # outside the box (CFG 7.5): ratios 1, exactly UniPC; warned once, not per run
+        out = sample(scheduler, model.guided(7.5), noise, steps, guidance_scale=7.5)
+        assert scheduler.compensation_ratios == [1.0] * steps and scheduler.ratio_source == "unvalidated"
+        assert torch.equal(out, sample(unipc, model.guided(7.5), noise, steps))
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "6 steps at CFG 7.5" in warnings[0] and "steps 5-8, CFG 2-3" in warnings[0]
+    assert "studio dc-search" in warnings[0]
+    scheduler.set_timesteps(8, guidance_scale=3.0)  # table entries hold as before
+    assert scheduler.compensation_ratios == [1, 1.1, 1, 1, 0.9, 1, 1, 1.2]
+    explicit = DCSolverScheduler.from_config(scheduler.config, dc_ratios=[1, 1.3, 1, 1, 1, 1])
+    explicit.set_timesteps(6, guidance_scale=7.5)  # explicit ratios are always honoured
+    assert explicit.compensation_ratios == [1, 1.3, 1, 1, 1, 1] and len(_warnings(caplog)) == 1
+
+
+def test_old_fitted_file_without_a_validated_range_keeps_to_its_table(tmp_path, caplog):
+    """Files written before dc-search checked CPR: their table points are the validated range, CPR unchecked."""
+    overrides = load_fitted(_write_fitted(tmp_path / "dc_solver.json"))
+    assert overrides["dc_validated"] == {"steps": [5, 8], "guidance": [2.0, 3.0], "cpr": False}
+    scheduler = DCSolverScheduler.from_config(SPEC_CONFIG, **overrides)
+    scheduler.set_timesteps(5)  # the file's default guidance, 2
+    assert scheduler.compensation_ratios == [1, 1.2, 1.1, 0.9, 1.3] and not _warnings(caplog)
+    scheduler.set_timesteps(6, guidance_scale=2.5)  # inside the table's box, but CPR was never checked
+    assert scheduler.compensation_ratios == [1.0] * 6
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "table points only" in warnings[0]
+
+
+def test_validated_range_is_the_largest_box_where_cpr_never_lost():
+    steps, guidances = [5, 6, 8, 10], [1.0, 2.0, 3.0, 4.0]
+    points = cpr_check_points(steps, guidances)
+    assert len(points) == 16 + 9 and (7, 2.5) in points and (9, 3.5) in points and (5, 1.5) in points
+
+    def checks(lost):
+        return [{"steps": s, "guidance": g, "heldout_mse_plain": 1.0, "heldout_mse_cpr": 2.0 if (s, g) in lost else 0.9}
+                for s, g in points]
+
+    assert validated_range(steps, guidances, checks([])) == {"steps": [5, 10], "guidance": [1.0, 4.0], "cpr": True}
+    assert validated_range(steps, guidances, checks([(7, 3.5), (9, 3.5)])) == {
+        "steps": [5, 10], "guidance": [1.0, 3.0], "cpr": True}
+    assert validated_range(steps, guidances, checks(points)) == {"steps": [5, 10], "guidance": [1.0, 4.0], "cpr": False}
+    assert cpr_check_points([5], [1.0, 3.0]) == [(5, 1.0), (5, 2.0), (5, 3.0)]

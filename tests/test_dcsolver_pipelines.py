@@ -35,12 +35,12 @@ def test_pipeline_with_ratios_one_equals_unipc_and_ratios_act(family):
 
 def test_scheduler_registry_and_generate(tiny_sd_dir):
     from pipelines import load_pipeline
-    from pipelines.text2image import SCHEDULERS, GenerationSettings, generate, make_scheduler
+    from pipelines.text2image import SCHEDULERS, generate, make_scheduler
 
     assert "dc-solver" in SCHEDULERS
     pipe = load_pipeline(str(tiny_sd_dir), device="cpu")
     assert isinstance(make_scheduler(pipe, "dc-solver"), DCSolverScheduler)
-    images = generate(pipe, GenerationSettings(prompt="a photo of a bag", steps=5, scheduler="dc-solver"))
+    images = generate(pipe, "a photo of a bag", num_inference_steps=5, scheduler="dc-solver").images
     assert len(images) == 1
 
 
@@ -59,7 +59,14 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
     for entry in data["table"]:
         assert len(entry["ratios"]) == entry["steps"] and entry["ratios"][:order] == [1.0] * order
         assert entry["heldout_mse_dc"] <= entry["heldout_mse_plain"] + 1e-12  # validation never makes it worse
-    assert "held-out MSE" in capsys.readouterr().out
+    # CPR was checked against UniPC on the held-out seeds at the 4 grid points and inside the grid's one cell
+    assert sorted((c["steps"], c["guidance"]) for c in data["cpr_check"]) == [(4, 1.0), (4, 1.5), (4, 2.0), (5, 1.0),
+                                                                             (5, 2.0)]
+    # a one-cell grid: the validated box is the whole grid, with CPR only if it never lost
+    assert data["validated"] == {"steps": [4, 5], "guidance": [1.0, 2.0], "cpr": all(
+        c["heldout_mse_cpr"] <= c["heldout_mse_plain"] for c in data["cpr_check"])}
+    printed = capsys.readouterr().out
+    assert "held-out MSE" in printed and "validated: steps 4-5, cfg 1-2" in printed
     # a model folder carrying dc_solver.json gets its ratios through for_pipeline
     (tiny_pixart_dir / "dc_solver.json").write_text(out.read_text())
     try:
@@ -76,6 +83,10 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
             assert pipe.scheduler.config.guidance_scale == guidance
             assert pipe.scheduler.compensation_ratios == next(e["ratios"] for e in data["table"]
                                                               if e["steps"] == 5 and e["guidance"] == guidance)
+        # far outside the fit (CFG 7.5): plain UniPC, not an extrapolated CPR
+        outside = DCSolverScheduler.for_pipeline(pipe, guidance_scale=7.5)
+        outside.set_timesteps(5)
+        assert outside.compensation_ratios == [1.0] * 5 and outside.ratio_source == "unvalidated"
     finally:
         (tiny_pixart_dir / "dc_solver.json").unlink()
 

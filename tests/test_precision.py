@@ -74,10 +74,15 @@ def test_a_half_base_keeps_the_adapter_in_fp32_and_matches_fp32(method, one_torc
     assert (out - ref_out).abs().max() <= 0.05 * ref_out.abs().max()
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in ref_grads]), dim=0) > 0.99
+    # Per tensor, errors are judged against the whole gradient: bf16 rounds activations to ~0.4%, which is noise
+    # of about that size of the TOTAL gradient in every tensor. A tensor whose own gradient is far below that
+    # (SaRA's 1-element selections, norm ~1e-6) can flip sign and still be right to bf16 precision.
+    total = torch.cat([r.flatten() for r in ref_grads]).norm()
     for got, ref in zip(grads, ref_grads):
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        # per tensor looser: bf16 rounding shows in the weakest gradients (TLoRA's self-attention to_k, norm ~2e-6)
-        assert cosine(got.flatten(), ref.flatten(), dim=0) > 0.9, method
+        assert (got - ref).norm() <= 0.05 * total, method
+        if ref.norm() >= 0.05 * total:  # well above bf16 resolution of the total: the direction must hold too
+            assert cosine(got.flatten(), ref.flatten(), dim=0) > 0.9, method
 
 
 def test_a_sara_adapter_from_fp32_weights_loads_onto_half_bases(tmp_path):

@@ -254,6 +254,42 @@ def test_nuclear_norm_gradient_reaches_the_sparse_values():
     assert any(l.sara_delta.grad is not None and l.sara_delta.grad.abs().sum() > 0 for l in handle.layers.values())
 
 
+def test_nuclear_norm_after_the_switch_covers_only_the_reduced_mask():
+    """After the progressive switch the regulariser is ‖P ⊙ M2‖_* (the official code's reduced mask): an
+    entry frozen at the switch neither counts nor gets a gradient. Dense reference, Linear and flattened conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Conv2d(3, 4, 3))
+    with torch.no_grad():
+        for m in model:
+            m.weight.mul_(0.1)
+    handle = attach(model, AdapterConfig(method="sara", targets=[r".*weight"], options={"threshold": 0.03}))
+    for layer in handle.layers.values():
+        with torch.no_grad():
+            layer.sara_delta.normal_(0, 0.03)  # moves many entries past θ
+    before, after = sara.progressive_update(handle)
+    assert 0 < after < before
+    for path, layer in handle.layers.items():
+        base = model[int(path[0])].parametrizations.weight.original.detach().double()
+        indices = layer.sara_indices.long()
+        grown = ~layer.sara_trainable
+        assert grown.any() and layer.sara_trainable.any()
+        p = base.reshape(-1).clone()
+        p[indices] += layer.values().detach().double()
+        m2 = torch.zeros_like(p, dtype=torch.bool)
+        m2[indices[layer.sara_trainable]] = True
+        p.requires_grad_(True)
+        expected = torch.linalg.svdvals(torch.where(m2, p, 0.0).view(base.shape[0], -1)).sum()
+        expected.backward()
+        ours = layer.nuclear_norm()
+        torch.testing.assert_close(ours.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        ours.backward()
+        assert torch.equal(layer.sara_delta.grad[grown], torch.zeros(int(grown.sum())))
+        torch.testing.assert_close(layer.sara_delta.grad.double(), p.grad[indices], rtol=1e-4, atol=1e-6)
+        with torch.no_grad():
+            layer.sara_frozen[grown] += 1.0  # whatever a frozen entry holds, the norm does not see it
+        torch.testing.assert_close(layer.nuclear_norm(), ours.detach(), rtol=0, atol=0)
+
+
 # -- progressive adjustment --------------------------------------------------------------------------
 
 def _mlp(seed=0):

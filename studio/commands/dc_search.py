@@ -82,5 +82,11 @@ def run(args):
     for entry in result["table"]:
         print(f"steps {entry['steps']:>2} cfg {entry['guidance']:g}: ratios {[round(r, 3) for r in entry['ratios']]} "
               f"held-out MSE {entry['heldout_mse_plain']:.4g} -> {entry['heldout_mse_dc']:.4g}")
-    print(f"CPR max abs error on the table: {result['cpr_max_abs_error']:.3g}; {result['seconds']} s; wrote {args.out}")
+    checks, box = result["cpr_check"], result["validated"]
+    lost = [f"{c['steps']} steps cfg {c['guidance']:g}" for c in checks if c["heldout_mse_cpr"] > c["heldout_mse_plain"]]
+    print(f"CPR max abs error on the table: {result['cpr_max_abs_error']:.3g}; held-out check against UniPC at "
+          f"{len(checks)} points, lost at {len(lost)}{': ' + ', '.join(lost) if lost else ''}")
+    print(f"validated: steps {box['steps'][0]}-{box['steps'][1]}, cfg {box['guidance'][0]:g}-{box['guidance'][1]:g} "
+          f"({'CPR between table points' if box['cpr'] else 'table points only'}; elsewhere the scheduler is UniPC); "
+          f"{result['seconds']} s; wrote {args.out}")
     return 0
