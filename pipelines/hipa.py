@@ -1,12 +1,16 @@
 """HiPA one-step generation (specs/sampling.md §3): high-frequency operators, the HiPA loss, the
-differentiable one-step student, teacher targets, and `one_step` sampling on a loaded pipeline.
+differentiable one-step student, teacher targets, and `one_step` sampling on a loaded pipeline (also as a
+diffusers pipeline: `OneStepPipeline.from_pipe(pipe)`).
 
 The authors released no code; this follows the spec's reconstruction [R] and keeps every unverified
 choice a knob (HiPALossConfig, the teacher's scheduler/steps/guidance, the adapter's method and rank).
-Generator: ONE denoiser call at the terminal timestep T on pure noise z, turned into an x0 prediction.
+Generator: ONE denoiser call on pure noise z, turned into an x0 prediction: at the terminal timestep T
+for VP families (SD, SDXL, PixArt), one Euler step from σ = 1 (x0 = z − v) for flow families (SD3, Flux).
 Classifier-free guidance is baked into the adapter (the teacher samples with CFG, the student runs
-without), so inference costs exactly one model call per image.
+without), so inference costs exactly one model call per image. Everything that depends on the model
+(text encoders, VAE scale and shift, Flux packing, the model call) goes through pipelines.families.
 """
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -160,6 +164,8 @@ def hipa_loss(student: torch.Tensor, teacher: torch.Tensor, config: HiPALossConf
 # would amplify ε errors by 1/α (~20,000x for squaredcos_cap_v2 at t = 999), so the default one-step
 # timestep is the latest one that keeps at least this signal scale. [R]; a knob (`timestep=`).
 MIN_SIGNAL = 0.06
+# Flow families (SD3, Flux) start at pure noise, σ = 1: timestep σ·1000 in the model's units (pipelines.families).
+FLOW_START = 1000.0
 
 
 def default_timestep(scheduler, min_signal: float = MIN_SIGNAL) -> int:
@@ -178,34 +184,43 @@ def prediction_to_x0(prediction, sample, alpha_bar, prediction_type: str):
     return predicted_x0(prediction, sample, ("vp", alpha, sigma), prediction_type)
 
 
-def student_x0(unet, scheduler, noise, encoder_hidden_states, timestep=None):
-    """f_θ(z, c) = D(z, T, c): one UNet call at timestep T (default_timestep) on pure noise, as x0 latents."""
-    timestep = default_timestep(scheduler) if timestep is None else int(timestep)
-    alpha_bar = scheduler.alphas_cumprod[timestep].to(device=noise.device, dtype=torch.float32)
-    t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
-    prediction = unet(noise, t, encoder_hidden_states=encoder_hidden_states).sample
-    return prediction_to_x0(prediction.float(), noise.float(), alpha_bar, scheduler.config.prediction_type)
+def base_scheduler(pipe):
+    """The pipeline's own scheduler (not one `make_scheduler` swapped in): its noise tables define T."""
+    return getattr(pipe, "_studio_default_scheduler", pipe.scheduler)
 
 
-def decode_latents(vae, latents):
-    """Latents (as the UNet sees them) -> images in [-1, 1]; differentiable through the decoder."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+def one_step_timestep(family, timestep=None):
+    """The student's timestep in the model's units: T for VP families (default_timestep unless given); σ = 1
+    (1000) for flow families, the only start a one-step Euler student has."""
+    if family.flow:
+        if timestep is not None and float(timestep) != FLOW_START:
+            raise ValueError(f"{family.label} takes its one step from σ = 1 (timestep {FLOW_START:g}), "
+                             f"not timestep {timestep}")
+        return FLOW_START
+    return default_timestep(base_scheduler(family.pipe)) if timestep is None else int(timestep)
 
 
-def encode_prompts(pipe, prompts, device=None):
-    """Conditional text states (no CFG) for a list of prompts: (B, L, D)."""
-    device = device or pipe.device
-    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
-    return embeds
+def student_x0(family, noise, cond, timestep=None, denoiser=None):
+    """f_θ(z, c): ONE model call on pure noise z (B x C x h x w), as float32 x0 latents. VP families: the call
+    at T, x0 from the ε/v/sample prediction. Flow families: one Euler step from σ = 1 to 0, x0 = z − v(z, 1)
+    (Flux dev's distilled guidance at the family default). cond: family.encode_text's dict; denoiser: the
+    (accelerate-prepared) module being trained, default the pipeline's own."""
+    t = one_step_timestep(family, timestep)
+    output = family.predict(noise, t, cond, denoiser=denoiser).float()
+    if family.flow:
+        return noise.float() - output
+    scheduler = base_scheduler(family.pipe)
+    alpha_bar = scheduler.alphas_cumprod[t].to(device=noise.device, dtype=torch.float32)
+    return prediction_to_x0(output, noise.float(), alpha_bar, scheduler.config.prediction_type)
 
 
 def latent_shape(pipe, height=None, width=None):
-    from pipelines.text2image import native_size
+    """(C, h, w) of the denoiser's latents for a height x width image (default: the native size)."""
+    from pipelines.families import family_of
 
-    size = native_size(pipe)
-    factor = int(getattr(pipe, "vae_scale_factor", 1))
-    return (int(pipe.unet.config.in_channels), int(height or size) // factor, int(width or size) // factor)
+    family = family_of(pipe)
+    size = family.native_size()
+    return family.latent_shape(int(height or size), int(width or size))
 
 
 def seeded_noise(pipe, count: int, seed: int = 0, height=None, width=None):
@@ -213,41 +228,67 @@ def seeded_noise(pipe, count: int, seed: int = 0, height=None, width=None):
     teacher image and its one-step student start from identical noise."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
-    return randn_tensor((count, *latent_shape(pipe, height, width)), generator=generators,
+    from pipelines.text2image import seeded_generators
+
+    return randn_tensor((count, *latent_shape(pipe, height, width)), generator=seeded_generators(seed, count),
                         device=torch.device("cpu"), dtype=torch.float32)
 
 
-@torch.no_grad()
-def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidance: float = 2.0, spacing=None):
-    """The frozen multi-step teacher: sample from the given noise with CFG; returns x0 latents (B, C, h, w).
+def teacher_sampler(pipe, scheduler="default", spacing=None):
+    """(scheduler name, spacing) the teacher really uses. Flow families keep the pipeline's own flow-matching
+    scheduler (dpm++, unipc, ... are noise-prediction samplers) and its own timesteps, which start at σ = 1
+    where the student starts."""
+    from pipelines.families import family_of
+
+    if family_of(pipe).flow:
+        return "default", None
+    return scheduler or "default", spacing or None
+
+
+@contextmanager
+def teacher_scheduler(pipe, scheduler="default", guidance=None, spacing=None):
+    """The pipeline with the teacher's sampler in place (yielded), its own scheduler restored afterwards.
 
     spacing: None keeps the scheduler's timestep spacing; "leading" (steps_offset 0) starts below t = 999,
-    which a schedule with α_999 ≈ 0 needs (the embedded model: its x0 predictions at 999 blow up).
-    The pipeline's scheduler is restored afterwards."""
-    from pipelines.text2image import family_kwargs, make_scheduler
+    which a schedule with α_999 ≈ 0 needs (the embedded model: its x0 predictions at 999 blow up)."""
+    from pipelines.text2image import make_scheduler
 
+    scheduler, spacing = teacher_sampler(pipe, scheduler, spacing)
     previous = pipe.scheduler
     try:
         make_scheduler(pipe, scheduler, guidance=guidance)
         if spacing:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing,
                                                               steps_offset=0)
-        factor = int(getattr(pipe, "vae_scale_factor", 1))
-        out = pipe(list(prompts), latents=noise.to(pipe.device, pipe.unet.dtype), num_inference_steps=int(steps),
-                   guidance_scale=float(guidance), height=noise.shape[-2] * factor, width=noise.shape[-1] * factor,
-                   output_type="latent", **family_kwargs(pipe))
+        yield pipe.scheduler
     finally:
         pipe.scheduler = previous
-    return out.images.float().cpu()
+
+
+@torch.no_grad()
+def teacher_x0(pipe, prompts, noise, scheduler="dpm++", steps: int = 25, guidance: float = 2.0, spacing=None):
+    """The frozen multi-step teacher: the pipeline itself samples from the given noise (B x C x h x w) with its
+    guidance (CFG; Flux: the distilled guidance value); returns x0 latents (B, C, h, w) on the CPU.
+    scheduler/spacing: see teacher_sampler and teacher_scheduler."""
+    from pipelines.families import family_of
+
+    family = family_of(pipe)
+    height, width = (int(n) * family.vae_factor for n in noise.shape[-2:])
+    with teacher_scheduler(pipe, scheduler, guidance, spacing):
+        out = pipe(list(prompts), latents=family.pack(noise.to(pipe.device, family.denoiser.dtype)),
+                   num_inference_steps=int(steps), guidance_scale=float(guidance), height=height, width=width,
+                   output_type="latent", **family.call_kwargs())
+    return family.unpack(out.images, height, width).float().cpu()
 
 
 def teacher_images(pipe, prompt, num_images=1, seed=0, scheduler="default", steps=25, guidance=2.0, spacing=None):
     """The teacher's images for seeds seed, seed+1, ... (the same noise `generate` and `one_step` draw)."""
+    from pipelines.families import family_of
+
     latents = teacher_x0(pipe, [prompt] * int(num_images), seeded_noise(pipe, int(num_images), seed), scheduler,
                          steps, guidance, spacing)
     with torch.no_grad():
-        images = decode_latents(pipe.vae, latents.to(pipe.device, pipe.vae.dtype))
+        images = family_of(pipe).decode_latents(latents)
     return pipe.image_processor.postprocess(images.float().cpu(), output_type="pil")
 
 
@@ -274,45 +315,65 @@ def _one_step_class():
             alpha_bar = self.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
             x0 = prediction_to_x0(model_output.float(), sample.float(), alpha_bar,
                                   self.config.prediction_type).to(sample.dtype)
-            return DDIMSchedulerOutput(prev_sample=x0, pred_original_sample=x0) if return_dict else (x0,)
+            # (prev, x0) as DDIM's tuple: PixArt's pipeline reads [1] when it runs one step
+            return DDIMSchedulerOutput(prev_sample=x0, pred_original_sample=x0) if return_dict else (x0, x0)
 
     return OneStepScheduler
 
 
-def one_step_scheduler(pipe, timestep=None):
-    """A scheduler whose single step maps the prediction at timestep T on pure noise to x0 (ε/v/sample
-    models), or Euler from sigma 1 to 0 for flow-matching models (already one exact step)."""
+def _flow_one_step_class():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    base = getattr(pipe, "_studio_default_scheduler", pipe.scheduler)
-    if "FlowMatch" in type(base).__name__:
-        return FlowMatchEulerDiscreteScheduler.from_config(base.config)
+    class FlowOneStepScheduler(FlowMatchEulerDiscreteScheduler):
+        """Flow matching in one Euler step from σ = 1 to 0: timesteps = [1000]; step() returns z − v. The
+        shift a pipeline asks for (mu, sigmas) changes nothing: every shift maps σ = 1 to 1."""
+
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            steps = len(sigmas) if sigmas is not None else int(num_inference_steps or 1)
+            if steps != 1:
+                raise ValueError(f"the one-step scheduler runs exactly 1 step, not {steps}")
+            self.num_inference_steps = 1
+            self.sigmas = torch.tensor([1.0, 0.0], device=device)
+            self.timesteps = torch.tensor([FLOW_START], device=device)
+            self._step_index = self._begin_index = None
+
+    return FlowOneStepScheduler
+
+
+def one_step_scheduler(pipe, timestep=None):
+    """A scheduler whose single step turns one model call on pure noise into x0: at T for VP families
+    (OneStepScheduler, ε/v/sample models), one Euler step from σ = 1 for flow families (FlowOneStepScheduler)."""
+    from pipelines.families import family_of
+
+    family, base = family_of(pipe), base_scheduler(pipe)
+    if family.flow:
+        one_step_timestep(family, timestep)  # any other timestep is a mistake: say so rather than ignore it
+        return _flow_one_step_class().from_config(base.config)
     scheduler = _one_step_class().from_config(base.config, clip_sample=False, thresholding=False)
     scheduler.one_step_timestep = timestep
     return scheduler
 
 
-def adapter_timestep(adapter):
-    """The one-step timestep a HiPA adapter was trained at (its hipa.json), or None."""
+def adapter_info(adapter) -> dict:
+    """What a HiPA adapter records about its training (its hipa.json: timestep, size, teacher, ...), or {}."""
     import json
     from pathlib import Path
 
-    if adapter is None:
-        return None
-    info = Path(adapter) / "hipa.json"
-    if info.is_file():
-        value = json.loads(info.read_text()).get("timestep")
-        return int(value) if value is not None else None
-    return None
+    if adapter is None or not (Path(adapter) / "hipa.json").is_file():
+        return {}
+    return json.loads((Path(adapter) / "hipa.json").read_text())
 
 
 def denoiser(pipe):
-    return getattr(pipe, "unet", None) or pipe.transformer
+    from pipelines.families import family_of
+
+    return family_of(pipe).denoiser
 
 
 def use_adapter(pipe, adapter, weight: float = 1.0):
     """Attach the HiPA adapter folder to the pipeline's denoiser once (kept across calls); None = use
-    the denoiser as it is. Loading another folder replaces the previous HiPA adapter."""
+    the denoiser as it is. Loading another folder replaces the previous HiPA adapter. The record of what is
+    attached lives on the denoiser, which pipelines made with from_pipe share."""
     if adapter is None:
         return
     from pathlib import Path
@@ -321,53 +382,85 @@ def use_adapter(pipe, adapter, weight: float = 1.0):
 
     path = str(Path(adapter).resolve())
     model = denoiser(pipe)
-    loaded = getattr(pipe, "_hipa_adapter", None)
+    loaded = getattr(model, "_hipa_adapter", None)
     if loaded == (path, float(weight)):
         return
     if not (Path(path) / "adapter_config.json").is_file():
         raise ValueError(f"not an adapter folder (no adapter_config.json): {adapter}")
     if loaded is not None:
         adapters.remove_adapter(model, ADAPTER_NAME)
-        pipe._hipa_adapter = None
+        model._hipa_adapter = None
     adapters.load_adapter(model, path, name=ADAPTER_NAME, weight=float(weight))
-    pipe._hipa_adapter = (path, float(weight))
+    model._hipa_adapter = (path, float(weight))
 
 
 def drop_adapter(pipe):
     """Remove the HiPA adapter use_adapter attached (the pipeline is the plain base again)."""
-    if getattr(pipe, "_hipa_adapter", None) is not None:
+    model = denoiser(pipe)
+    if getattr(model, "_hipa_adapter", None) is not None:
         import adapters
 
-        adapters.remove_adapter(denoiser(pipe), ADAPTER_NAME)
-        pipe._hipa_adapter = None
+        adapters.remove_adapter(model, ADAPTER_NAME)
+        model._hipa_adapter = None
 
 
 @torch.no_grad()
-def one_step(pipe, prompt, adapter=None, num_images: int = 1, seed: int = 0, height=None, width=None,
-             weight: float = 1.0, output_type: str = "pil", timestep=None):
-    """One-step text-to-image: exactly one denoiser call per image, from pure noise, CFG off.
+def one_step(pipe, prompt=None, negative_prompt=None, *, height=None, width=None, num_inference_steps=1,
+             guidance_scale=None, num_images_per_prompt=1, generator=None, latents=None, output_type="pil",
+             return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, adapter=None,
+             weight: float = 1.0, timestep=None, **kwargs):
+    """One-step text-to-image (OneStepPipeline's call; this function runs it on the pipeline itself): exactly
+    one denoiser call per image, from pure noise, CFG off. It is the pipeline's own call with one_step_scheduler
+    (x0 at T for VP families, z − v from σ = 1 for flow families). Returns the pipeline's output (`.images`).
 
-    adapter: a HiPA adapter folder (adapter_config.json + adapter_model.safetensors), or None for the
-    pipeline as it is (the plain base gives a blurry 1-step image: the baseline HiPA fixes).
-    Noise per image comes from seed, seed+1, ... as in `generate`, so results match the teacher's seeds.
+    diffusers' arguments as the pipeline takes them; num_inference_steps can only be 1. guidance_scale defaults
+    to one conditional call (the family's single_call_scale: CFG is baked into a HiPA adapter; Flux dev's
+    distilled guidance at its default). Without a generator, one CPU generator per image seeded 0, 1, ... (the
+    noise `generate` and the teacher draw). height/width: default the size the adapter was trained at (its
+    hipa.json), else the native size.
+    adapter: a HiPA adapter folder (adapter_config.json + adapter_model.safetensors) attached with `weight`, or
+    None for the denoiser as it is (the plain base gives a blurry 1-step image: the baseline HiPA fixes).
     timestep: the one-step timestep T (default: the adapter's hipa.json, else default_timestep).
     """
-    from pipelines.text2image import family_kwargs, native_size
+    from pipelines.families import family_of
+    from pipelines.text2image import call_pipeline, check_call, check_size, pipeline_call, seeded_generators
 
-    if int(num_images) < 1:
-        raise ValueError(f"the number of images must be at least 1, got {num_images}")
+    if num_inference_steps != 1:
+        raise ValueError(f"one-step sampling runs exactly 1 step (num_inference_steps=1), not {num_inference_steps}")
+    family = family_of(pipe)
+    guidance = family.single_call_scale() if guidance_scale is None else guidance_scale
+    batch = check_call(prompt, 1, guidance, num_images_per_prompt, generator, output_type,
+                       kwargs.get("prompt_embeds"))
+    check_size(pipe, height, width)
     use_adapter(pipe, adapter, weight)
-    size = native_size(pipe)
-    height, width = int(height or size), int(width or size)
-    generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(int(num_images))]
+    info = adapter_info(adapter)
+    size = int(info.get("size") or family.native_size())
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
     previous = pipe.scheduler
-    if timestep is None:
-        timestep = adapter_timestep(adapter)
-    pipe.scheduler = one_step_scheduler(pipe, timestep)
+    pipe.scheduler = one_step_scheduler(pipe, info.get("timestep") if timestep is None else timestep)
     try:
-        kwargs = family_kwargs(pipe)
-        out = pipe(prompt, num_inference_steps=1, guidance_scale=1.0, height=height, width=width,
-                   num_images_per_prompt=int(num_images), generator=generators, output_type=output_type, **kwargs)
+        return call_pipeline(
+            pipe, pipeline_call(pipe), callback_on_step_end, callback_on_step_end_tensor_inputs, prompt=prompt,
+            height=int(height or size), width=int(width or size), num_inference_steps=1,
+            guidance_scale=float(guidance), num_images_per_prompt=int(num_images_per_prompt),
+            generator=seeded_generators(0, batch) if generator is None else generator, latents=latents,
+            output_type=output_type, return_dict=return_dict, **{**family.call_kwargs(), **kwargs})
     finally:
         pipe.scheduler = previous
-    return out.images
+
+
+def __getattr__(name):
+    # DiffusionPipeline takes seconds to import: the pipeline class is made on first use
+    if name != "OneStepPipeline":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from pipelines.text2image import family_pipeline_base
+
+    class OneStepPipeline(family_pipeline_base()):
+        """One-step sampling as a diffusers pipeline: `OneStepPipeline.from_pipe(pipe)` shares pipe's
+        components (any supported family); calling it is `one_step` with the same arguments."""
+        __qualname__ = "OneStepPipeline"
+        __call__ = one_step
+
+    globals()[name] = OneStepPipeline
+    return OneStepPipeline

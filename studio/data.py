@@ -222,7 +222,7 @@ def ensure_class_images(pipe, class_prompt: str, count: int, folder, size: int, 
     Image i always uses seed+i, so a cache that is topped up gives the same images as one made at once."""
     from dataclasses import replace
 
-    from pipelines.text2image import GenerationSettings, generate
+    from pipelines.text2image import GenerationSettings, generate_from
     from studio.files import atomic_path, write_json
 
     folder = Path(folder)
@@ -242,7 +242,7 @@ def ensure_class_images(pipe, class_prompt: str, count: int, folder, size: int, 
             else:
                 runs.append([i])
         for run in runs:
-            images = generate(pipe, replace(settings, seed=seed + run[0], num_images=len(run)))
+            images = generate_from(pipe, replace(settings, seed=seed + run[0], num_images=len(run)))
             for i, image in zip(run, images):
                 with atomic_path(paths[i]) as tmp:
                     image.save(tmp, format="PNG")

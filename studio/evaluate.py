@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.assets import assets_dir
 from studio import fashion
 
-EVALUATOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "evaluator"
+EVALUATOR_DIR = assets_dir() / "evaluator"
 INPUT_SIZE = 32  # Fashion-MNIST padded from 28 by 2 black pixels each side, like the diffusion models see it
 
 
@@ -194,7 +195,9 @@ def attach_adapter(pipe, adapter, weight: float = 1.0):
         raise ValueError(f"--adapter needs the adapters package, which is not available yet ({exc})") from exc
     if not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter folder not found: {adapter}")
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    from pipelines.families import family_of
+
+    denoiser = family_of(pipe).denoiser
     load_adapter(denoiser, str(adapter), name="studio-eval", weight=weight)
 
 
@@ -218,7 +221,7 @@ def evaluate_base(base="embedded", adapter=None, per_class=20, steps=25, guidanc
     Returns prompt accuracy over the pretrained classes, the held-out class's accuracy, per-class accuracy,
     FD-classifier of the pretrained-class images next to real-vs-real and noise at the same count, and the
     evaluator's own accuracy on the real test split."""
-    from pipelines.text2image import GenerationSettings, generate
+    from pipelines.text2image import GenerationSettings, generate_from
     from studio.generate import get_pipeline
 
     if int(per_class) < 2:
@@ -235,7 +238,7 @@ def evaluate_base(base="embedded", adapter=None, per_class=20, steps=25, guidanc
     for i, name in enumerate(classes):
         settings = GenerationSettings(prompt=fashion.prompt_for(name), steps=int(steps), guidance=guidance,
                                       seed=int(seed) + 1000 * i, num_images=int(per_class), scheduler=scheduler)
-        generated[name] = generate(pipe, settings)
+        generated[name] = generate_from(pipe, settings)
         per_class_acc[name] = evaluator.prompt_accuracy(generated[name], name)
         if progress:
             progress(i + 1, len(classes), name, per_class_acc[name])

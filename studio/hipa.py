@@ -2,7 +2,8 @@
 the shared training loop calls (batch -> loss). The maths lives in pipelines/hipa.py.
 
 Teacher cache folder:
-  manifest.json                 base, teacher settings, prompts, seed, count, shard size, latent shape
+  manifest.json                 base, family, teacher settings (and the sampler class used), prompts, seed,
+                                count, shard size, latent shape
   pairs-00000.safetensors ...   noise (k, C, h, w), target (k, C, h, w) teacher x0 latents, prompt_index (k,)
 Pair i uses prompts[i % len(prompts)] and noise seeded with seed + i, so every shard is reproducible
 on its own and an interrupted run resumes at the first missing shard.
@@ -31,15 +32,18 @@ def _shard_path(folder: Path, index: int) -> Path:
 
 def build_teacher_cache(pipe, folder, count: int, prompts=None, scheduler="dpm++", steps: int = 25,
                         guidance: float = 2.0, seed: int = 0, shard_size: int = 32, base: str = "",
-                        progress=True, stop=None, spacing=None):
+                        progress=True, stop=None, spacing=None, size=None):
     """Generate `count` (prompt, noise, teacher x0) pairs into `folder`, skipping shards already on disk.
 
     A folder made with other settings is refused (one clear line) rather than silently mixed.
+    scheduler/spacing: the teacher's sampler (flow families keep their own: pipelines.hipa.teacher_sampler;
+    the manifest records what was used). size: pixels per side (default: the native size).
     progress: True for a tqdm bar, a callable(done, total), or False. stop() -> True ends after the
     current shard (the next call resumes). Returns the manifest dict."""
     from safetensors.torch import save_file
 
-    from pipelines.hipa import latent_shape, seeded_noise, teacher_x0
+    from pipelines.families import family_of
+    from pipelines.hipa import latent_shape, seeded_noise, teacher_sampler, teacher_scheduler, teacher_x0
     from studio.files import atomic_path, write_json
 
     prompts = list(prompts or default_prompts())
@@ -48,9 +52,13 @@ def build_teacher_cache(pipe, folder, count: int, prompts=None, scheduler="dpm++
     if int(shard_size) < 1:
         raise ValueError(f"the shard size must be at least 1, got {shard_size}")
     folder = Path(folder)
-    manifest = {"base": str(base), "scheduler": scheduler, "steps": int(steps), "guidance": float(guidance),
-                "spacing": spacing, "prompts": prompts, "seed": int(seed), "shard_size": int(shard_size),
-                "latent_shape": list(latent_shape(pipe)), "count": int(count)}
+    scheduler, spacing = teacher_sampler(pipe, scheduler, spacing)
+    with teacher_scheduler(pipe, scheduler, guidance, spacing) as sampler:
+        sampler = type(sampler).__name__
+    manifest = {"base": str(base), "family": family_of(pipe).name, "scheduler": scheduler, "sampler": sampler,
+                "steps": int(steps), "guidance": float(guidance), "spacing": spacing, "prompts": prompts,
+                "seed": int(seed), "shard_size": int(shard_size), "latent_shape": list(latent_shape(pipe, size, size)),
+                "count": int(count)}
     if (folder / MANIFEST).is_file():
         old = json.loads((folder / MANIFEST).read_text())
         changed = [k for k in MANIFEST_KEYS if old.get(k) != manifest[k]]
@@ -70,7 +78,7 @@ def build_teacher_cache(pipe, folder, count: int, prompts=None, scheduler="dpm++
             done = end
             report(done)
             continue
-        noise = torch.cat([seeded_noise(pipe, 1, seed=seed + i) for i in range(start, end)])
+        noise = torch.cat([seeded_noise(pipe, 1, seed=seed + i, height=size, width=size) for i in range(start, end)])
         index = torch.arange(start, end) % len(prompts)
         target = teacher_x0(pipe, [prompts[i] for i in index.tolist()], noise, scheduler=scheduler, steps=steps,
                             guidance=guidance, spacing=spacing)
@@ -142,7 +150,8 @@ class TeacherPairs(torch.utils.data.Dataset):
 # Training: an objective for the shared loop (studio/train.py), and the job-store runner.
 
 # TrainConfig values HiPA uses unless the user sets them: a small LoRA on the attention projections AND the
-# convs (one-step generation needs capacity in the convs: attention-only stalled at 0.867, docs/hipa.md),
+# convs (one-step generation needs capacity in the convs: attention-only stalled at 0.867, docs/hipa.md; a DiT
+# has no convs, so there it is the attention alone, adapters.core),
 # previews that ARE one-step samples (1 step, CFG off), and a learning rate for a ~2M-parameter UNet.
 TRAIN_DEFAULTS = {"method": "lora", "rank": 4, "targets": "attn+conv", "steps": 1500, "batch_size": 16, "lr": 1e-3,
                   "lr_scheduler": "cosine", "warmup_steps": 50, "checkpoint_every": 100, "validate_every": 500,
@@ -212,35 +221,45 @@ def evaluator_features(device):
 
 
 class HiPAObjective(Objective):
-    """One-step distillation in the shared loop: ONE student call from the cached noise, decoded by the
-    frozen VAE, against the decoded teacher image (spatial + high-frequency terms, pipelines.hipa_loss).
+    """One-step distillation in the shared loop: ONE student call from the cached noise (pipelines.hipa.student_x0:
+    at T for VP families, one Euler step from σ = 1 for flow families), decoded by the frozen VAE, against the
+    decoded teacher image (spatial + high-frequency terms, pipelines.hipa_loss).
 
     prepare() runs before the adapter is attached, so the teacher is the pristine base model; it builds
-    (or resumes) the teacher cache, then keeps text states per prompt and decoded teacher images in
-    memory. The batch of a step is a pure function of (seed, step), so the loop's resume is exact."""
+    (or resumes) the teacher cache, then keeps the prompts' conditioning and the decoded teacher images in
+    memory (on the CPU). The batch of a step is a pure function of (seed, step), so the loop's resume is exact."""
     name = "hipa"
 
     @torch.no_grad()
     def prepare(self, run) -> dict:
-        from pipelines.hipa import HiPALossConfig, decode_latents, default_timestep, encode_prompts
+        from pipelines.families import move
+        from pipelines.hipa import HiPALossConfig, one_step_timestep, teacher_sampler
         from studio.evaluate import default_sampling
 
-        cfg, pipe = run.config, run.pipe
+        cfg, pipe, family = run.config, run.pipe, run.family
         options = {**OPTION_DEFAULTS, **(cfg.objective_options or {})}
         self.loss_config = HiPALossConfig.from_dict(_checked_loss(options["loss"]))
+        self.timestep = one_step_timestep(family, options["timestep"])
+        size = int(cfg.resolution or family.native_size())
+        if size % family.size_multiple():
+            raise ValueError(f"resolution {size} is not a multiple of {family.size_multiple()} (this model's latent "
+                             f"and patch size); pick e.g. {size - size % family.size_multiple()}")
         prompts = list(options["prompts"] or default_prompts())
         guidance = options["teacher_guidance"]
         if guidance is None:
             guidance = float(default_sampling(cfg.base).get("guidance", 2.0))
+        scheduler, spacing = teacher_sampler(pipe, options["teacher_scheduler"], _spacing(options["teacher_spacing"]))
         folder = Path(options["teacher_cache"] or (run.folder.path / "teacher"))
         if run.accelerator.is_main_process:
-            run.say(f"teacher: {options['teacher_steps']} steps ({options['teacher_scheduler']}), guidance {guidance}, "
-                    f"{options['pairs']} pairs in {folder}")
-            build_teacher_cache(pipe, folder, int(options["pairs"]), prompts=prompts,
-                                scheduler=options["teacher_scheduler"], steps=int(options["teacher_steps"]),
-                                guidance=float(guidance), seed=int(options["pair_seed"]),
-                                shard_size=int(options["shard_size"]), base=str(cfg.base), progress=not cfg.quiet,
-                                spacing=_spacing(options["teacher_spacing"]))
+            if scheduler != options["teacher_scheduler"]:
+                run.say(f"teacher: {family.label} samples with its own flow-matching scheduler "
+                        f"('{options['teacher_scheduler']}' is a noise-prediction sampler)")
+            run.say(f"teacher: {options['teacher_steps']} steps ({scheduler}), guidance {guidance}, "
+                    f"{options['pairs']} pairs at {size}x{size} in {folder}")
+            build_teacher_cache(pipe, folder, int(options["pairs"]), prompts=prompts, scheduler=scheduler,
+                                steps=int(options["teacher_steps"]), guidance=float(guidance),
+                                seed=int(options["pair_seed"]), shard_size=int(options["shard_size"]),
+                                base=str(cfg.base), progress=not cfg.quiet, spacing=spacing, size=size)
         run.accelerator.wait_for_everyone()
         manifest, pairs = load_teacher_cache(folder)
         if len(pairs["noise"]) < int(options["pairs"]):
@@ -248,37 +267,40 @@ class HiPAObjective(Objective):
         self.noise = pairs["noise"][: int(options["pairs"])]
         self.targets = pairs["target"][: int(options["pairs"])]
         self.prompt_index = pairs["prompt_index"][: int(options["pairs"])]
-        self.states = encode_prompts(pipe, manifest["prompts"], run.device).float().cpu()
-        self.teacher_images = torch.cat([decode_latents(pipe.vae, self.targets[i:i + 64].to(run.device)).float().cpu()
+        self.cond = move(family.encode_text(manifest["prompts"], run.device), "cpu", torch.float32)
+        self.teacher_images = torch.cat([family.decode_latents(self.targets[i:i + 64].to(run.device)).float().cpu()
                                          for i in range(0, len(self.targets), 64)])
-        self.scheduler = pipe.scheduler
-        self.timestep = default_timestep(pipe.scheduler) if options["timestep"] is None else int(options["timestep"])
         self.feature_fn = evaluator_features(run.device) if self.loss_config.feature_weight else None
         run.sample = self.sample_for(run)  # the loop's validation images become one-step samples
-        unet_params = sum(p.numel() for p in pipe.unet.parameters())
-        return {"objective": "hipa", "teacher_cache": str(folder), "teacher_pairs": int(len(self.noise)),
-                "teacher": {k: manifest.get(k) for k in ("scheduler", "steps", "guidance", "spacing")}, "prompts": manifest["prompts"],
-                "loss": self.loss_config.to_dict(), "unet_params": unet_params, "timestep": self.timestep}
+        # "unet_params" counts any denoiser (UNet or transformer): the key predates DiT students and hipa.json keeps it
+        denoiser_params = sum(p.numel() for p in family.denoiser.parameters())
+        return {"objective": "hipa", "family": family.name, "size": size, "teacher_cache": str(folder),
+                "teacher_pairs": int(len(self.noise)),
+                "teacher": {k: manifest.get(k) for k in ("scheduler", "sampler", "steps", "guidance", "spacing")},
+                "prompts": manifest["prompts"], "loss": self.loss_config.to_dict(), "unet_params": denoiser_params,
+                "timestep": self.timestep}
 
     def sample_for(self, run):
         from pipelines.hipa import one_step
+        from pipelines.text2image import seeded_generators
 
         def sample(settings):
-            return one_step(run.pipe, settings.prompt, seed=settings.seed, timestep=self.timestep)[0]
+            return one_step(run.pipe, settings.prompt, generator=seeded_generators(settings.seed, 1),
+                            height=settings.height, width=settings.width, timestep=self.timestep).images[0]
         return sample
 
     def loss(self, run, step, micro):
-        from pipelines.hipa import decode_latents, hf_energy, hipa_loss, student_x0
+        from pipelines.families import move, take
+        from pipelines.hipa import hf_energy, hipa_loss, student_x0
         from studio.data import example_indices
 
-        cfg, device = run.config, run.device
+        cfg, device, family = run.config, run.device, run.family
         batch = cfg.batch_size
         start = ((step * cfg.grad_accum + micro) * run.accelerator.num_processes + run.accelerator.process_index) * batch
         picks = example_indices(cfg.seed, len(self.noise), start, batch)
-        dtype = run.pipe.unet.dtype
-        states = self.states[self.prompt_index[picks]].to(device, dtype)
-        latents = student_x0(run.unet, self.scheduler, self.noise[picks].to(device, dtype), states, self.timestep)
-        images = decode_latents(run.pipe.vae, latents)
+        cond = move(take(self.cond, self.prompt_index[picks]), device)
+        latents = student_x0(family, self.noise[picks].to(device), cond, self.timestep, denoiser=run.denoiser)
+        images = family.decode_latents(latents)
         teacher = self.teacher_images[picks].to(device)
         loss, logs = hipa_loss(images.float(), teacher, self.loss_config, latents, self.targets[picks].to(device),
                                feature_fn=self.feature_fn)
@@ -301,7 +323,8 @@ def train_hipa(config, progress=None, stop=None):
     if status.get("state") == "done":
         data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
         write_json(Path(status["result"]) / "hipa.json", {
-            "timestep": data.get("timestep"), "guidance_baked_in": data.get("teacher", {}).get("guidance"),
+            "family": data.get("family"), "timestep": data.get("timestep"), "size": data.get("size"),
+            "guidance_baked_in": data.get("teacher", {}).get("guidance"),
             "teacher": data.get("teacher"), "teacher_pairs": data.get("teacher_pairs"), "prompts": data.get("prompts"),
             "loss": data.get("loss"), "steps": config["steps"], "base": str(config.get("base", "embedded")),
             "trainable_params": status.get("trainable_params"), "unet_params": data.get("unet_params"),

@@ -17,7 +17,8 @@ Run folder (RUN_DIR):
     log.jsonl              one line per step: step, loss, lr, seconds, elapsed, peak_mem_mb (+ events)
     samples/step-NNNNNN/   validation images on fixed seeds, step 0 = the base model's baseline
     checkpoints/step-NNNNNN/   weights + optimiser + scheduler + RNG + method/objective state (safetensors + JSON)
-    adapter/               the final adapter (save_adapter format); `unet/` instead for method "full"
+    adapter/               the final adapter (save_adapter format); `unet/` or `transformer/` (the denoiser,
+                           as diffusers names it) instead for method "full"
     status.json            state (running / stopped / done), step, steps
 
 Exact resume: everything random comes from RNG states stored in the checkpoint, and the batch of any step
@@ -49,11 +50,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.families import concat, move, take, where
 from studio.files import atomic_path, read_jsonl, write_json, write_text
+from studio.model_card import write_model_card
 
 log = logging.getLogger("studio.train")
 
-FULL = "full"  # full fine-tuning of the UNet: the upper reference, no adapter
+FULL = "full"  # full fine-tuning of the denoiser: the upper reference, no adapter
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -80,6 +83,7 @@ class TrainConfig:
     method: str = _f("lora", "adapter method (lora, dora, sara, loldu, flora, tlora, ...) or 'full'")
     rank: int = _f(4, "adapter rank")
     alpha: float = _f(None, "adapter alpha (scale = alpha / rank; default alpha = rank)")
+    rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(rank) (TLoRA's paper: --alpha 1 --rslora)")
     targets: str = _f("attn", "adapter targets: a preset (attn, ff, conv, all, joined by '+') or module patterns")
     adapter_dropout: float = _f(0.0, "dropout inside the adapter")
     adapter_options: dict = field(default_factory=dict, metadata={"help": "method options, KEY=VALUE", "kv": True})
@@ -90,10 +94,13 @@ class TrainConfig:
     lr_scheduler: str = _f("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULES)}")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     optimizer: str = _f("adamw", "adamw, or adamw8bit (needs bitsandbytes)")
-    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    weight_decay: float = _f(1e-2, "AdamW weight decay (not on tensors whose neutral value is not zero: TLoRA "
+                                   "transforms, DoRA magnitudes, LoLDU scalars)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     mixed_precision: str = _f("auto", "auto (bf16/fp16 on GPU, fp32 on CPU), no, fp16, bf16")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    budget: str = _f(None, "device memory the run must fit in (24GB, 24GiB): the fastest memory savers that fit are "
+                           "applied (studio plan shows the choice)")
     attention: str = _f("auto", "attention kernel: auto (xformers on CUDA where installed, else PyTorch SDPA), xformers, sdpa")
     channels_last: bool = _f(False, "UNet and VAE in channels-last memory order (faster convolutions on GPUs)")
     tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA (no effect on a CPU)")
@@ -214,7 +221,8 @@ class TrainConfig:
         # Methods whose schedule depends on the run's length (SaRA's progressive step) learn it here.
         if "total_steps" in method_class(self.method).options and options.get("total_steps") is None:
             options["total_steps"] = int(self.steps)
-        return AdapterConfig(method=self.method, rank=int(self.rank), alpha=self.alpha, targets=self.targets,
+        return AdapterConfig(method=self.method, rank=int(self.rank), alpha=self.alpha, rslora=bool(self.rslora),
+                             targets=self.targets,
                              dropout=float(self.adapter_dropout), options=options, base_model=str(self.base))
 
 
@@ -399,8 +407,8 @@ class RunFolder:
         except (OSError, ValueError):
             return {}
 
-    def result(self, method: str) -> Path:
-        return self.path / ("unet" if method == FULL else "adapter")
+    def result(self, method: str, component: str = "unet") -> Path:
+        return self.path / (component if method == FULL else "adapter")
 
 
 def run_status(run_dir) -> dict:
@@ -439,31 +447,31 @@ def peak_memory_mb(device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# what is trained: an adapter from adapters/, or the whole UNet
+# what is trained: an adapter from adapters/, or the whole denoiser (UNet or transformer)
 
 class Trainable:
     """The trained tensors and how they are saved, for an adapter method or full fine-tuning."""
 
-    def __init__(self, unet, config: TrainConfig, base_dtype=None):
+    def __init__(self, model, config: TrainConfig, base_dtype=None):
         """base_dtype (bf16/fp16 mixed precision): the frozen base is stored in it after the adapter is built
         from the full-precision weights (SaRA's selection must not depend on rounding); full fine-tuning
         keeps fp32 master weights."""
-        self.unet, self.method = unet, config.method
+        self.model, self.method = model, config.method
         self.handle = None
         if config.method == FULL:
-            unet.requires_grad_(True)
-            self.params = [p for p in unet.parameters()]
+            model.requires_grad_(True)
+            self.params = [p for p in model.parameters()]
         else:
             from adapters import METHODS, attach
 
             if config.method not in METHODS:
                 raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(sorted(METHODS))}, {FULL}")
-            unet.requires_grad_(False)
-            self.handle = attach(unet, config.adapter_config(), name="default")
+            model.requires_grad_(False)
+            self.handle = attach(model, config.adapter_config(), name="default")
             if base_dtype is not None:
                 from adapters import cast_base
 
-                cast_base(unet, base_dtype)
+                cast_base(model, base_dtype)
             self.params = self.handle.trainable_parameters()
             # Trainable tensors stay fp32 whatever the base's dtype (mixed precision casts at compute).
             for p in self.params:
@@ -474,19 +482,28 @@ class Trainable:
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def parameter_groups(self, weight_decay: float) -> list:
+        """Optimizer groups: the method's no-decay tensors (AdapterLayer.no_decay) get none. One group when
+        there are none, so checkpoints of such runs keep their layout."""
+        if self.handle is None:
+            return [{"params": self.params, "weight_decay": weight_decay}]
+        decayed, kept = self.handle.parameter_groups()
+        groups = [{"params": decayed, "weight_decay": weight_decay}] if decayed else []
+        return groups + ([{"params": kept, "weight_decay": 0.0}] if kept else [])
+
     def layers(self) -> list:
         return list(self.handle.layers.values()) if self.handle is not None else []
 
     def state_dict(self) -> dict:
         if self.handle is not None:
             return dict(self.handle.state_dict())
-        return dict(self.unet.state_dict())
+        return dict(self.model.state_dict())
 
     def load_state_dict(self, tensors: dict):
         if self.handle is not None:
             self.handle.load_state_dict(tensors)
         else:
-            self.unet.load_state_dict(tensors, strict=True)
+            self.model.load_state_dict(tensors, strict=True)
 
     # --- method hooks (see the module docstring)
     def on_step(self, step: int, optimizer) -> bool:
@@ -523,9 +540,9 @@ class Trainable:
         if self.handle is not None:
             from adapters import save_adapter
 
-            save_adapter(self.unet, tmp, name="default", base_model=str(base))
+            save_adapter(self.model, tmp, name="default", base_model=str(base))
         else:
-            self.unet.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True)
         replace_dir(tmp, folder)
         return folder
 
@@ -592,28 +609,23 @@ class Objective:
         pass
 
 
-def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (the distribution's mode: deterministic, so it can be cached)."""
-    out = vae.encode(pixels.to(vae.device, vae.dtype))
-    latents = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).float()
-
-
 class SubjectObjective(Objective):
-    """DreamBooth-style: denoise the subject's VAE latents conditioned on their captions (MSE on epsilon or v),
-    optionally plus the same loss on class images generated by the base model (prior preservation)."""
+    """DreamBooth-style: denoise the subject's VAE latents conditioned on their captions (MSE on the family's
+    target: ε, v or flow velocity), optionally plus the same loss on class images generated by the base model
+    (prior preservation). Latents and text are encoded once, here; the loop never runs an encoder."""
     name = "subject"
 
     @torch.no_grad()
     def prepare(self, run) -> dict:
-        from pipelines.text2image import native_size
         from studio.data import StepPlan, class_cache_folder, ensure_class_images, load_image, load_subject
 
-        cfg, pipe = run.config, run.pipe
+        cfg, pipe, family = run.config, run.pipe, run.family
         if not cfg.images:
             raise ValueError("name the subject's image folder with --images DIR")
-        size = int(cfg.resolution or native_size(pipe))
+        size = int(cfg.resolution or family.native_size())
+        if size % family.size_multiple():
+            raise ValueError(f"resolution {size} is not a multiple of {family.size_multiple()} (this model's latent "
+                             f"and patch size); pick e.g. {size - size % family.size_multiple()}")
         data = load_subject(cfg.images, size, cfg.prompt)
         self.size = size
         pixels = torch.from_numpy(np.stack([e.pixels for e in data.examples]))
@@ -622,7 +634,7 @@ class SubjectObjective(Objective):
         captions = sorted({e.caption for e in data.examples})
         self.caption_index = torch.tensor([captions.index(e.caption) for e in data.examples])
         self.embeds = self._text(run, captions)
-        self.empty = self._text(run, [""])[0]
+        self.empty = self._text(run, [""])
         self.class_latents = None
         class_report = {}
         if cfg.prior_preservation:
@@ -646,20 +658,15 @@ class SubjectObjective(Objective):
         self._plan = StepPlan(images=len(data.examples), repeats=cfg.repeats, batch_size=cfg.batch_size,
                               grad_accum=cfg.grad_accum, processes=run.accelerator.num_processes, steps=cfg.steps,
                               class_images=len(self.class_latents) if cfg.prior_preservation else 0)
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction = self.noise_scheduler.config.prediction_type
-        if self.prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(f"training supports epsilon and v-prediction models, not {self.prediction!r}")
-        return {**data.report(), **class_report, "size": size, "plan": self._plan.to_dict()}
+        self.objective = family.objective()
+        return {**data.report(), **class_report, "size": size, "plan": self._plan.to_dict(), "family": family.name,
+                "objective": self.objective.prediction}
 
     def _encode(self, run, pixels, chunk=16):
-        return torch.cat([vae_latents(run.pipe.vae, pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).cpu()
+        return torch.cat([run.family.encode_images(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).cpu()
 
     def _text(self, run, prompts):
-        embeds, _ = run.pipe.encode_prompt(prompts, run.device, 1, False)
-        return embeds.float().cpu()
+        return move(run.family.encode_text(list(prompts), run.device), "cpu", torch.float32)
 
     def plan(self):
         return self._plan
@@ -686,31 +693,25 @@ class SubjectObjective(Objective):
         if self.flipped is not None:
             flip = draw(torch.rand) < 0.5
             latents = torch.where(flip[:, None, None, None], self.flipped[picks], latents)
-        embeds = self.embeds[self.caption_index[picks]]
+        cond = take(self.embeds, self.caption_index[picks])
         if cfg.caption_dropout:
             drop = draw(torch.rand) < cfg.caption_dropout
-            embeds = torch.where(drop[:, None, None], self.empty.expand_as(embeds), embeds)
-        steps_total = self.noise_scheduler.config.num_train_timesteps
+            cond = where(drop, self.empty, cond)
+        objective = self.objective
         noise = draw(torch.randn, *latents.shape[1:])
-        timesteps = draw(lambda shape, generator: torch.randint(0, steps_total, shape, generator=generator))
+        timesteps = draw(lambda shape, generator: objective.sample_timesteps(shape[0], generator))
         if self.class_latents is not None:
             cpicks = example_indices(cfg.seed + 1, len(self.class_latents), start, batch)
             latents = torch.cat([latents, self.class_latents[cpicks]])
-            embeds = torch.cat([embeds, self.class_embeds[self.class_index[cpicks]]])
+            cond = concat(cond, take(self.class_embeds, self.class_index[cpicks]))
             noise = torch.cat([noise, draw(torch.randn, *latents.shape[1:])])
-            timesteps = torch.cat([timesteps, draw(lambda shape, generator: torch.randint(0, steps_total, shape, generator=generator))])
+            timesteps = torch.cat([timesteps, draw(lambda shape, generator: objective.sample_timesteps(shape[0], generator))])
         latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)
-        embeds = embeds.to(run.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = run.unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
-        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        noisy = objective.noisy(latents, noise, timesteps)
+        prediction = run.family.predict(noisy, timesteps, move(cond, run.device), denoiser=run.denoiser)
+        target = objective.target(latents, noise, timesteps)
         per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            clipped = torch.clamp(snr, max=float(cfg.snr_gamma))
-            per_example = per_example * (clipped / (snr + 1 if self.prediction == "v_prediction" else snr))
+        per_example = per_example * objective.weights(timesteps.cpu(), cfg.snr_gamma).to(per_example.device)
         logs = {}
         if self.class_latents is not None:
             instance, prior = per_example[:batch].mean(), per_example[batch:].mean()
@@ -723,15 +724,30 @@ class SubjectObjective(Objective):
 # the loop
 
 class Run:
-    """What an objective sees: config, accelerator, pipeline, the (prepared) UNet, the noise generator."""
+    """What an objective sees: config, accelerator, pipeline, its family (pipelines.families), the (prepared)
+    denoiser, the noise generator."""
 
     def __init__(self, config, folder, accelerator, pipe, say):
+        from pipelines.families import family_of
+
         self.config, self.folder, self.accelerator, self.pipe, self.say = config, folder, accelerator, pipe, say
         self.device = accelerator.device
-        self.unet = pipe.unet
+        self.family = family_of(pipe)
+        self.denoiser = self.family.denoiser
         # The same stream on every process: objectives draw for the global batch and keep their share.
         self.generator = torch.Generator().manual_seed(int(config.seed) * 7919)
         self.sample = None  # an objective may set sample(settings) -> PIL image for its validation images (HiPA: one step)
+
+    def park_encoders(self, parked: bool):
+        """Text encoders and the VAE encoder on the CPU (parked) or back on the run's device. A no-op on a CPU."""
+        if self.device.type == "cpu":
+            return
+        target = torch.device("cpu") if parked else self.device
+        for module in [*self.family.text_encoders(), getattr(self.pipe.vae, "encoder", None)]:
+            if module is not None:
+                module.to(target)
+        if parked and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def make_accelerator(config: TrainConfig):
@@ -753,14 +769,15 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
 
 
-def make_optimizer(config: TrainConfig, params):
+def make_optimizer(config: TrainConfig, groups):
+    """groups: Trainable.parameter_groups (each group carries its own weight decay)."""
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw") from None
-        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def make_schedule(config: TrainConfig, optimizer):
@@ -887,37 +904,38 @@ def train(config, objective: Objective = None, progress=None, stop=None) -> Path
 
 def _train(config, objective, folder, accelerator, say, emit, stop, bar):
     from pipelines import load_pipeline
+    from studio.plan import fit_budget
 
+    config, accelerator = fit_budget(config, accelerator, say)  # --budget: before anything is loaded
     is_main = accelerator.is_main_process
     log_file = JsonlLog(folder.log)
     pipe = load_pipeline(config.base, device=accelerator.device, attention=config.attention, tf32=config.tf32)
-    if getattr(pipe, "unet", None) is None:
-        raise ValueError(f"training supports UNet (Stable Diffusion-style) pipelines; {type(pipe).__name__} is not supported yet")
     pipe.set_progress_bar_config(disable=True)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False).eval()
     run = Run(config, folder, accelerator, pipe, say)
+    for module in [pipe.vae, *run.family.text_encoders()]:
+        module.requires_grad_(False).eval()
     report = objective.prepare(run)
     plan = objective.plan()
-    unet = pipe.unet
+    # Prompts and latents are encoded: the encoders leave the accelerator while the denoiser trains (a Flux
+    # run must not hold T5 there); validation brings them back for its few samples.
+    run.park_encoders(True)
+    denoiser = run.family.denoiser
     torch.manual_seed(config.seed)  # adapter initialisation does not depend on what prepare() did
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
-    trainable = Trainable(unet, config, base_dtype=half if config.method != FULL else None)
+    trainable = Trainable(denoiser, config, base_dtype=half if config.method != FULL else None)
     if config.channels_last:
         from pipelines.loading import set_channels_last
 
         set_channels_last(pipe, True)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = make_optimizer(config, trainable.params)
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    optimizer = make_optimizer(config, trainable.parameter_groups(config.weight_decay))
     schedule = make_schedule(config, optimizer)
     # The schedule is stepped once per optimiser step by the loop itself (not prepared: accelerate would
     # step it once per process), so warm-up and decay mean the same on 1 or 8 GPUs.
-    prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
-    run.unet = prepared_unet
+    prepared, optimizer = accelerator.prepare(denoiser, optimizer)
+    run.denoiser = prepared
     ema = EMA(trainable.params, config.ema_decay) if config.ema_decay else None
 
     start, elapsed = 0, 0.0
@@ -931,7 +949,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         log_file.truncate_after(start) if start else write_text(folder.log, "")
         info = {"trainable_params": trainable.num_trainable(), "method": config.method,
                 "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-                "base_dtype": str(next(unet.parameters()).dtype).replace("torch.", ""),
+                "base_dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""),
                 "attention": pipe.attention_backend, "channels_last": bool(config.channels_last), "tf32": pipe.tf32,
                 "processes": accelerator.num_processes, **report}
         write_json(folder.path / "data.json", info)
@@ -965,7 +983,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         lr = schedule.get_last_lr()[0]  # the rate this step's update uses
         losses, extra, bad_grad = [], {}, False
         for micro in range(config.grad_accum):
-            with accelerator.accumulate(prepared_unet):
+            with accelerator.accumulate(prepared):
                 loss, logs = objective.loss(run, step, micro)
                 regular = trainable.regularization_loss()
                 if regular is not None:
@@ -1022,11 +1040,12 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
             if is_main:
                 folder.write_status(state="running", step=step, steps=config.steps, pid=os.getpid())
 
-    result = folder.result(config.method)
+    result = folder.result(config.method, run.family.component)
     if is_main:
         if ema is not None:
             ema.swap()
         trainable.save_result(result, config.base)
+        write_model_card(result, config, folder.path)
         if ema is not None:
             ema.swap()
         total = time.time() - run_started
@@ -1061,13 +1080,14 @@ def _validate(run, trainable, ema, step, emit):
         return
     from dataclasses import replace
 
-    from pipelines.text2image import GenerationSettings, generate
+    from pipelines.text2image import GenerationSettings, generate_from
     from studio.images import save_png
 
     prompts = config.validation_prompts or [config.prompt or ""]
     if ema is not None:
         ema.swap()
-    run.pipe.unet.eval()
+    run.family.denoiser.eval()
+    run.park_encoders(False)
     paths = []
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), accelerator.autocast():  # a half base with fp32 adapters
@@ -1076,14 +1096,16 @@ def _validate(run, trainable, ema, step, emit):
             for seed in config.validation_seeds:
                 settings = GenerationSettings(prompt=prompt, steps=config.validation_steps,
                                               guidance=config.validation_guidance, seed=int(seed),
+                                              height=config.resolution, width=config.resolution,
                                               extra={"Model": str(config.base), "Method": config.method, "Step": step})
-                image = run.sample(settings) if run.sample is not None else generate(run.pipe, settings)[0]
+                image = run.sample(settings) if run.sample is not None else generate_from(run.pipe, settings)[0]
                 path = run.folder.samples / f"step-{step:06d}" / f"p{p_index}-seed{seed}.png"
                 save_png(image, path, replace(settings))
                 paths.append(str(path))
         random.setstate(state[0])
         np.random.set_state(state[1])
-    run.pipe.unet.train()
+    run.park_encoders(True)
+    run.family.denoiser.train()
     if ema is not None:
         ema.swap()
     JsonlLog(run.folder.log).append({"step": step, "event": "samples", "paths": paths})

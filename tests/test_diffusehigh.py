@@ -1,6 +1,7 @@
 """DiffuseHigh: structure guidance, scheduler-agnostic x̂0 edits, stage sizes, determinism, families, CLI."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines.diffusehigh import (StructureGuidance, diffusehigh, noise_level, output_for_x0, parse_scales,
                                    sharpen)
@@ -52,8 +53,48 @@ def pixel_pipe():
     return _quiet(pipe)
 
 
+FAMILIES = ["sd", "sdxl", "pixart", "sd3", "flux", "flux-schnell"]
+
+
+@pytest.fixture(scope="module")
+def family_pipe():
+    """family_pipe(name): the tiny pipeline of that family, built once per module, 32 px native. (The tiny Flux
+    says so in studio_defaults, as a studio-trained model would: FluxPipeline's own default is 1024-class.)"""
+    from pipelines import tiny
+
+    builders = {"sd": tiny.tiny_sd_pipeline, "sdxl": tiny.tiny_sdxl_pipeline, "pixart": tiny.tiny_pixart_pipeline,
+                "sd3": tiny.tiny_sd3_pipeline, "flux": tiny.tiny_flux_pipeline,
+                "flux-schnell": lambda: tiny.tiny_flux_pipeline(guidance_embeds=False)}
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = _quiet(builders[name]())
+            built[name].studio_defaults = {"size": 32}
+        return built[name]
+    return get
+
+
 def _identity_codec():
     return (lambda z: (z + 1) / 2), (lambda image: image * 2 - 1)
+
+
+def _low_pass_vae(monkeypatch, pipe):
+    """Swap the family's random tiny VAE for an ideal low-pass one (latents: the image average-pooled by the
+    VAE factor in the first 3 channels; decode: bilinear upsampling), so pixel-space structure can be measured.
+    The denoiser, conditioning, schedule and guidance stay the family's own."""
+    from pipelines.families import family_of
+
+    def encode(self, pixels):
+        low = F.avg_pool2d(pixels.float(), self.vae_factor)
+        return torch.cat([low, low.new_zeros(low.shape[0], self.latent_channels - 3, *low.shape[-2:])], 1)
+
+    def decode(self, latents):
+        return F.interpolate(latents[:, :3].float(), scale_factor=self.vae_factor, mode="bilinear", align_corners=False)
+
+    family = type(family_of(pipe))
+    monkeypatch.setattr(family, "encode_images", encode)
+    monkeypatch.setattr(family, "decode_latents", decode)
 
 
 # ------------------------------------------------------------------------------------------ components
@@ -150,8 +191,8 @@ def test_guided_steps_carry_the_reference_low_band(pixel_pipe, monkeypatch):
         return out
 
     monkeypatch.setattr(pixel_pipe.scheduler, "step", lambda *a, **k: recording_step(*a, **{**k, "return_dict": True}))
-    diffusehigh(pixel_pipe, PROMPT, scales=(2,), steps=8, strength=0.5, guidance=1.0, guidance_steps=3,
-                wavelet="haar", scheduler="default", output_type="pt")
+    diffusehigh(pixel_pipe, PROMPT, scales=(2,), num_inference_steps=8, strength=0.5, guidance_scale=1.0,
+                guidance_steps=0.75, wavelet="haar", scheduler="default", output_type="pt")
     hires = [x0 for x0 in seen if x0.shape[-1] == 32]
     assert len(references) == 1 and len(hires) == 4
     lows = [dwt2((x0.float() + 1) / 2, "haar")[0] for x0 in hires]
@@ -160,30 +201,40 @@ def test_guided_steps_carry_the_reference_low_band(pixel_pipe, monkeypatch):
     assert not torch.allclose(lows[3], references[0], atol=1e-3)
 
 
-def test_native_stage_is_the_pipeline_own_output(sd_pipe):
-    from pipelines.text2image import GenerationSettings, generate
+@pytest.mark.parametrize("name", FAMILIES)
+def test_native_stage_is_the_pipeline_own_output(family_pipe, name):
+    """Conditioning, CFG (SDXL: zeros for an empty negative), Flux's distilled guidance and its shifted
+    schedule all come from the family: the native stage is exactly what the pipeline itself draws."""
+    from pipelines.text2image import generate, seeded_generators
 
-    out = diffusehigh(sd_pipe, PROMPT, scales=(1,), steps=3, seed=5, num_images=2, scheduler="default",
-                      output_type="pt")
-    direct = generate(sd_pipe, GenerationSettings(prompt=PROMPT, steps=3, seed=5, num_images=2), output_type="pt")
+    pipe = family_pipe(name)
+    out = diffusehigh(pipe, PROMPT, scales=(1,), num_inference_steps=3, generator=seeded_generators(5, 2),
+                      num_images_per_prompt=2, scheduler="default", output_type="pt")
+    direct = generate(pipe, PROMPT, num_inference_steps=3, generator=seeded_generators(5, 2), num_images_per_prompt=2,
+                      output_type="pt").images
     assert torch.allclose(out.stages[0], direct.float().cpu(), atol=1e-6)
 
 
-def test_stage_sizes_and_images(sd_pipe):
-    out = diffusehigh(sd_pipe, PROMPT, scales=(2,), steps=3, guidance=1.0, num_images=2, guidance_steps=1)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stage_sizes_and_images(family_pipe, name):
+    out = diffusehigh(family_pipe(name), PROMPT, scales=(2,), num_inference_steps=4, num_images_per_prompt=2)
     assert out.sizes == [(32, 32), (64, 64)]
     assert [[im.size for im in stage] for stage in out.stages] == [[(32, 32)] * 2, [(64, 64)] * 2]
+    assert out.steps == [4, 1] and out.guided_steps == [0, 1]
     assert len(out.seconds) == 2 and out.seconds[1] >= out.seconds[0] > 0
     assert out.images is out.stages[-1]
 
 
 def test_dit_family_progressive_non_square_and_deterministic(pixart_pipe):
-    kwargs = dict(sizes=[(32, 48), (48, 64)], steps=3, guidance=1.0, guidance_steps=1, seed=3, output_type="pt")
-    first = diffusehigh(pixart_pipe, PROMPT, **kwargs)
+    from pipelines.text2image import seeded_generators
+
+    kwargs = dict(sizes=[(32, 48), (48, 64)], num_inference_steps=3, guidance_scale=1.0, guidance_steps=1.0,
+                  output_type="pt")
+    first = diffusehigh(pixart_pipe, PROMPT, generator=seeded_generators(3, 1), **kwargs)
     assert [tuple(s.shape) for s in first.stages] == [(1, 3, 32, 32), (1, 3, 32, 48), (1, 3, 48, 64)]
-    again = diffusehigh(pixart_pipe, PROMPT, **kwargs)
+    again = diffusehigh(pixart_pipe, PROMPT, generator=seeded_generators(3, 1), **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(first.stages, again.stages))
-    other = diffusehigh(pixart_pipe, PROMPT, **{**kwargs, "seed": 4})
+    other = diffusehigh(pixart_pipe, PROMPT, generator=seeded_generators(4, 1), **kwargs)
     assert not torch.equal(first.stages[-1], other.stages[-1])
 
 
@@ -199,33 +250,185 @@ def test_vae_tiling_is_on_only_above_native_size(pixart_pipe, monkeypatch):
         return decode(z, **kwargs)
 
     monkeypatch.setattr(vae, "decode", spy)
-    diffusehigh(pixart_pipe, PROMPT, scales=(2,), steps=3, guidance=1.0, guidance_steps=1, output_type="pt")
+    diffusehigh(pixart_pipe, PROMPT, scales=(2,), num_inference_steps=3, guidance_scale=1.0, guidance_steps=1.0,
+                output_type="pt")
     assert (16, False, False, tile) in seen and (32, True, True, MIN_VAE_TILE) in seen
     assert all(tiled == (size > 16) for size, tiled, _, _ in seen)
     assert (vae.use_tiling, vae.use_slicing, vae.tile_sample_min_size) == (False, False, tile)  # restored
 
 
-def test_works_with_dc_solver(sd_pipe):
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_works_with_dc_solver(family_pipe, name):
     from pipelines.text2image import SCHEDULERS
 
     if "dc-solver" not in SCHEDULERS:
         pytest.skip("DC-Solver is not registered in pipelines.SCHEDULERS yet (pipelines/dcsolver.py)")
-    out = diffusehigh(sd_pipe, PROMPT, scales=(2,), steps=4, guidance=1.0, guidance_steps=2, scheduler="dc-solver",
-                      output_type="pt")
-    assert type(sd_pipe.scheduler).__name__ == "DCSolverScheduler"
+    pipe = family_pipe(name)
+    try:
+        out = diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=4, guidance_scale=1.0, guidance_steps=1.0,
+                          scheduler="dc-solver", output_type="pt")
+        assert type(pipe.scheduler).__name__ == "DCSolverScheduler"
+    finally:
+        pipe.scheduler = pipe._studio_default_scheduler
     assert out.stages[-1].shape == (1, 3, 64, 64) and torch.isfinite(out.stages[-1]).all()
-    sd_pipe.scheduler = sd_pipe._studio_default_scheduler
 
 
-def test_structure_guidance_keeps_the_layout(pixel_pipe):
-    """Spec 2.6 #5: the result's low band agrees with the reference far better with guidance than without."""
-    def agreement(steps):
-        out = diffusehigh(pixel_pipe, PROMPT, scales=(2,), steps=6, strength=0.8, guidance=1.0, guidance_steps=steps,
-                          sharpen_amount=0.0, scheduler="default", output_type="pt")
-        upsampled = torch.nn.functional.interpolate(out.stages[0], size=(32, 32), mode="bicubic", align_corners=False)
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_dc_solver_on_a_flow_model_is_one_clear_line(family_pipe, name):
+    pipe = family_pipe(name)
+    with pytest.raises(ValueError, match="'dc-solver' is a noise-prediction sampler") as info:
+        diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=4, scheduler="dc-solver")
+    assert "\n" not in str(info.value) and "FlowMatch" in type(pipe.scheduler).__name__
+
+
+@pytest.mark.parametrize("name", ["pixel"] + FAMILIES)
+def test_structure_guidance_keeps_the_layout(pixel_pipe, family_pipe, monkeypatch, name):
+    """Spec 2.6 #5: the result's low band agrees with the reference far better with guidance than without,
+    on every family (pixel space, or an ideal low-pass VAE: the tiny random VAEs do not keep structure)."""
+    pipe = pixel_pipe if name == "pixel" else family_pipe(name)
+    if name != "pixel":
+        _low_pass_vae(monkeypatch, pipe)
+
+    def agreement(fraction):
+        out = diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=6, strength=0.8, guidance_scale=1.0,
+                          guidance_steps=fraction, sharpen_amount=0.0, scheduler="default", output_type="pt")
+        size = out.sizes[1]
+        upsampled = F.interpolate(out.stages[0], size=size, mode="bicubic", align_corners=False)
         return float(low_band_psnr(out.stages[1], upsampled.clamp(0, 1)).mean())
 
-    assert agreement(4) > agreement(0) + 3.0
+    assert agreement(1.0) > agreement(0.0) + 3.0
+
+
+def test_flow_edit_lands_on_the_line_through_the_edited_x0():
+    """Flow matching (Flux-dev-style shifted schedule): the velocity built for an edited x̂0 makes the
+    scheduler's own Euler step land on (1 - σ') x̂0 + σ' ε, the straight line through x̂0 and the implied noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    scheduler.set_timesteps(8, mu=0.8)
+    index = 3
+    scheduler.set_begin_index(index)
+    t = scheduler.timesteps[index]
+    generator = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(1, 16, 8, 8, generator=generator), torch.randn(1, 16, 8, 8, generator=generator)
+    level = noise_level(scheduler, index, t)
+    kind, _, sigma = level
+    out = output_for_x0(x0, x, level, "epsilon")
+    after = scheduler.step(out, t, x, return_dict=False)[0]
+    eps = (x - (1 - sigma) * x0) / sigma
+    following = float(scheduler.sigmas[index + 1])
+    assert kind == "flow" and torch.allclose(after, (1 - following) * x0 + following * eps, atol=1e-5)
+
+
+def _record_calls(monkeypatch, module):
+    """Every call's keyword arguments (and first positional one), in order."""
+    calls = []
+    forward = module.forward
+
+    def spy(*args, **kwargs):
+        calls.append({"args": args, **kwargs})
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", spy)
+    return calls
+
+
+def test_sdxl_size_conditioning_stays_the_native_stage(family_pipe, monkeypatch):
+    """As the authors' code: every stage's UNet call carries the native stage's (original, crop, target)
+    ids, with zeroed unconditional rows for the empty negative prompt under CFG."""
+    pipe = family_pipe("sdxl")
+    calls = _record_calls(monkeypatch, pipe.unet)
+    diffusehigh(pipe, PROMPT, sizes=[(32, 48)], height=16, width=24, num_inference_steps=4, strength=0.5,
+                guidance_scale=3.0, output_type="pt")
+    assert {tuple(c["args"][0].shape[-2:]) for c in calls} == {(8, 12), (16, 24)}  # both stages ran
+    for call in calls:
+        assert call["args"][0].shape[0] == 2  # uncond + cond
+        ids = call["added_cond_kwargs"]["time_ids"]
+        assert ids.tolist() == [[16.0, 24.0, 0.0, 0.0, 16.0, 24.0]] * 2
+        assert not call["encoder_hidden_states"][0].any() and call["encoder_hidden_states"][1].any()
+
+
+def test_sdxl_half_precision_vae_runs_in_fp32(family_pipe, monkeypatch):
+    """SDXL's VAE overflows in fp16; as its pipeline does (config force_upcast), it runs in fp32, then goes back."""
+    pipe = family_pipe("sdxl")
+    vae = pipe.vae
+    decode, seen = vae.decode, []
+
+    def spy(z, **kwargs):
+        seen.append((vae.dtype, z.dtype))
+        return decode(z, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", spy)
+    vae.to(torch.float16)
+    try:
+        out = diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=2, guidance_scale=1.0, output_type="pt")
+        assert vae.dtype == torch.float16
+    finally:
+        vae.to(torch.float32)
+    assert set(seen) == {(torch.float32, torch.float32)} and torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("name", ["flux", "flux-schnell"])
+def test_flux_stages_shift_their_schedule_and_use_distilled_guidance(family_pipe, monkeypatch, name):
+    """One transformer call per image and step (no CFG); dev-style models get the guidance value in their
+    embedding, schnell-style none. Each stage's schedule is FluxPipeline's for its own token count."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    pipe = family_pipe(name)
+    calls = _record_calls(monkeypatch, pipe.transformer)
+    diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=6, strength=0.5, guidance_scale=4.0,
+                num_images_per_prompt=2, output_type="pt")
+    assert [c["hidden_states"].shape[:2] for c in calls] == [(2, 64)] * 6 + [(2, 256)] * 3
+    for call in calls:
+        guidance = call.get("guidance")
+        assert guidance is None if name == "flux-schnell" else guidance.tolist() == [4.0, 4.0]
+
+    def tail(tokens):  # the last 3 of FluxPipeline's 6 sigmas at this token count
+        reference = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        c = reference.config
+        reference.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=calculate_shift(
+            tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
+        return reference.timesteps[3:] / 1000
+
+    hires = torch.stack([c["timestep"][0] for c in calls[6:]])
+    assert torch.allclose(hires, tail(256))
+    if name == "flux":  # dynamic shifting: the larger stage's schedule is its own, not the native one's
+        assert not torch.allclose(hires, tail(64), atol=1e-3)
+
+
+def test_guidance_steps_are_a_fraction_of_each_stage(pixel_pipe, monkeypatch, caplog):
+    """The authors guide 5 of 15 steps: the default guides a third of each stage's own denoising steps,
+    counted, logged and returned per stage."""
+    import logging
+
+    import pipelines.diffusehigh as dh
+
+    calls = []
+
+    class Spy(StructureGuidance):
+        def __call__(self, x0):
+            calls.append(self.size)
+            return super().__call__(x0)
+
+    monkeypatch.setattr(dh, "StructureGuidance", Spy)
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        out = diffusehigh(pixel_pipe, PROMPT, sizes=[32, 48], num_inference_steps=25, guidance_scale=1.0,
+                          scheduler="default", output_type="pt")
+    assert out.steps == [25, 7, 7] and out.guided_steps == [0, 2, 2]  # 7/3 rounds to 2, not the old fixed 5
+    assert calls == [(32, 32)] * 2 + [(48, 48)] * 2
+    assert "stage 2 (48x48): 2 of 7 denoising steps structure-guided" in caplog.text
+    per_stage = diffusehigh(pixel_pipe, PROMPT, sizes=[32, 48], num_inference_steps=25, strength=0.6,
+                            guidance_scale=1.0, guidance_steps=[0.0, 0.5], scheduler="default", output_type="pt")
+    assert per_stage.steps[1:] == [15, 15] and per_stage.guided_steps[1:] == [0, 8]  # 7.5 rounds up
+
+
+@pytest.mark.parametrize("fraction, steps, guided", [(1 / 3, 15, 5), (1 / 3, 7, 2), (0.5, 7, 4), (0.01, 7, 1),
+                                                     (0.0, 7, 0), (1.0, 7, 7), (1 / 3, 1, 1)])
+def test_guided_count_rounds_half_up_and_keeps_one_step(fraction, steps, guided):
+    from pipelines.diffusehigh import guided_count
+
+    assert guided_count(fraction, steps) == guided
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -236,6 +439,9 @@ def test_structure_guidance_keeps_the_layout(pixel_pipe):
     (dict(scales=(1.1,)), "not a whole number of pixels"),
     (dict(wavelet="db9"), "unknown wavelet"),
     (dict(scales=(2, 4), stage_guidance=[3.0]), "one value per hires stage"),
+    (dict(guidance_steps=5), r"guidance_steps is the guided fraction .* in \[0, 1\]; got 5"),
+    (dict(guidance_steps=-0.1), r"in \[0, 1\]; got -0.1"),
+    (dict(scales=(2, 4), guidance_steps=[0.5]), "one value per hires stage"),
 ])
 def test_bad_input_is_one_clear_line(sd_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -281,6 +487,23 @@ def test_cli_hires(tiny_sd_dir, tmp_path, capsys):
 
     assert Image.open(out).size == (64, 64)
     assert read_settings(out)["extra"]["Hires"] == "2"
+    assert read_settings(out)["extra"]["Hires guided steps"] == "1/1"  # 3 steps x strength 0.3: one step, guided
     assert main(["generate", "--base", str(tiny_sd_dir), "--prompt", PROMPT, "--hires", "0.5", "--device", "cpu",
                  "--out", str(tmp_path / "bad.png")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_cli_hires_on_sdxl(tmp_path):
+    from PIL import Image
+
+    from pipelines.tiny import tiny_sdxl_pipeline
+    from studio.cli import main
+    from studio.images import read_settings
+
+    folder = tmp_path / "tiny-sdxl"
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    out = tmp_path / "hires.png"
+    assert main(["generate", "--base", str(folder), "--prompt", PROMPT, "--steps", "3", "--hires", "2",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert read_settings(out)["extra"]["Hires guided steps"] == "1/1"

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from pipelines import hipa
+from pipelines.families import family_of
+from pipelines.text2image import seeded_generators
 
 
 def checkerboard(size=8, channels=3, low=0.0, high=1.0):
@@ -77,10 +79,11 @@ def test_one_step_calls_the_model_once_per_image(tiny_pipe):
     batches = []
     hook = tiny_pipe.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
     try:
-        images = hipa.one_step(tiny_pipe, "a photo of a bag", num_images=3, seed=4)
+        images = hipa.one_step(tiny_pipe, "a photo of a bag", num_images_per_prompt=3,
+                               generator=seeded_generators(4, 3)).images
         assert len(images) == 3 and batches == [3]  # one call, three images, no CFG doubling
         batches.clear()
-        hipa.one_step(tiny_pipe, "a photo of a bag", num_images=1)
+        hipa.one_step(tiny_pipe, "a photo of a bag", num_images_per_prompt=1)
         assert batches == [1]
     finally:
         hook.remove()
@@ -89,10 +92,12 @@ def test_one_step_calls_the_model_once_per_image(tiny_pipe):
 
 def test_student_generator_matches_the_one_step_pipeline(tiny_pipe):
     prompts = ["a photo of a bag"] * 2
-    latents = hipa.one_step(tiny_pipe, prompts[0], num_images=2, seed=9, output_type="latent")
+    latents = hipa.one_step(tiny_pipe, prompts[0], num_images_per_prompt=2, generator=seeded_generators(9, 2),
+                            output_type="latent").images
     noise = hipa.seeded_noise(tiny_pipe, 2, seed=9)
+    family = family_of(tiny_pipe)
     with torch.no_grad():
-        x0 = hipa.student_x0(tiny_pipe.unet, tiny_pipe.scheduler, noise, hipa.encode_prompts(tiny_pipe, prompts))
+        x0 = hipa.student_x0(family, noise, family.encode_text(prompts))
     assert torch.allclose(x0, latents, atol=1e-5)
     # SD's schedule keeps T = 999 (α ≈ 0.068); a cosine schedule (α_999 ≈ 5e-5) moves T to where α ≥ 0.06
     assert hipa.default_timestep(tiny_pipe.scheduler) == 999
@@ -102,8 +107,9 @@ def test_student_generator_matches_the_one_step_pipeline(tiny_pipe):
     t = hipa.default_timestep(cosine)
     assert cosine.alphas_cumprod[t] ** 0.5 >= hipa.MIN_SIGNAL > cosine.alphas_cumprod[t + 1] ** 0.5
     with torch.no_grad():  # the pipeline path honours an explicit timestep too
-        at_900 = hipa.one_step(tiny_pipe, prompts[0], num_images=2, seed=9, output_type="latent", timestep=900)
-        x0 = hipa.student_x0(tiny_pipe.unet, tiny_pipe.scheduler, noise, hipa.encode_prompts(tiny_pipe, prompts), 900)
+        at_900 = hipa.one_step(tiny_pipe, prompts[0], num_images_per_prompt=2, generator=seeded_generators(9, 2),
+                               output_type="latent", timestep=900).images
+        x0 = hipa.student_x0(family, noise, family.encode_text(prompts), 900)
     assert torch.allclose(x0, at_900, atol=1e-5)
 
 
@@ -146,8 +152,9 @@ def _fake_run(pipe, folder, **config):
     accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0,
                                   wait_for_everyone=lambda: None)
     cfg = TrainConfig.from_dict(hipa_config({"out": str(folder), "quiet": True, **config}))
-    return SimpleNamespace(config=cfg, pipe=pipe, unet=pipe.unet, device=pipe.device, accelerator=accelerator,
-                           folder=SimpleNamespace(path=folder), say=lambda text: None)
+    family = family_of(pipe)
+    return SimpleNamespace(config=cfg, pipe=pipe, family=family, denoiser=family.denoiser, device=pipe.device,
+                           accelerator=accelerator, folder=SimpleNamespace(path=folder), say=lambda text: None)
 
 
 def test_one_training_step_lowers_the_loss_and_the_adapter_is_ordinary(tmp_path):
@@ -159,7 +166,8 @@ def test_one_training_step_lowers_the_loss_and_the_adapter_is_ordinary(tmp_path)
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
     prompt = "a photo of a bag"
-    before = hipa.one_step(pipe, prompt, num_images=2, seed=3, output_type="latent")
+    two = dict(num_images_per_prompt=2, output_type="latent")
+    before = hipa.one_step(pipe, prompt, generator=seeded_generators(3, 2), **two).images
     run = _fake_run(pipe, tmp_path, batch_size=4, objective_options={
         "pairs": 4, "teacher_steps": 3, "teacher_guidance": 3.0, "prompts": [prompt, "a photo of a coat"]})
     objective = HiPAObjective()
@@ -177,16 +185,17 @@ def test_one_training_step_lowers_the_loss_and_the_adapter_is_ordinary(tmp_path)
     assert second.item() < first.item()
 
     save_adapter(pipe.unet, tmp_path / "hipa", name=hipa.ADAPTER_NAME)
-    trained = hipa.one_step(pipe, prompt, num_images=2, seed=3, output_type="latent")
+    trained = hipa.one_step(pipe, prompt, generator=seeded_generators(3, 2), **two).images
     # a fresh pipeline: plain 1-step equals the untrained one; with the saved folder it equals the trained one
     fresh = tiny_sd_pipeline()
     fresh.set_progress_bar_config(disable=True)
-    plain = hipa.one_step(fresh, prompt, num_images=2, seed=3, output_type="latent")
+    plain = hipa.one_step(fresh, prompt, generator=seeded_generators(3, 2), **two).images
     assert torch.allclose(plain, before, atol=1e-6)
-    loaded = hipa.one_step(fresh, prompt, adapter=tmp_path / "hipa", num_images=2, seed=3, output_type="latent")
+    loaded = hipa.one_step(fresh, prompt, adapter=tmp_path / "hipa", generator=seeded_generators(3, 2), **two).images
     assert torch.allclose(loaded, trained, atol=1e-5) and not torch.allclose(loaded, plain, atol=1e-4)
     hipa.drop_adapter(fresh)
-    assert torch.allclose(hipa.one_step(fresh, prompt, num_images=2, seed=3, output_type="latent"), plain, atol=1e-6)
+    again = hipa.one_step(fresh, prompt, generator=seeded_generators(3, 2), **two).images
+    assert torch.allclose(again, plain, atol=1e-6)
 
 
 def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
@@ -212,7 +221,7 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
     info = json.loads((run_dir / "adapter" / "hipa.json").read_text())
     assert info["teacher"]["steps"] == 2 and info["teacher_pairs"] == 2 and info["timestep"] == 999
     assert len(hipa.one_step(__import__("pipelines").load_pipeline(str(tiny_sd_dir), device="cpu"), "a photo of a bag",
-                             adapter=run_dir / "adapter")) == 1
+                             adapter=run_dir / "adapter").images) == 1
 
 
 def test_shipped_adapter_runs_on_the_embedded_model():
@@ -228,8 +237,91 @@ def test_shipped_adapter_runs_on_the_embedded_model():
     batches = []
     hook = pipe.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
     try:
-        images = hipa.one_step(pipe, "a photo of a sneaker", adapter=root / "hipa", num_images=2)
+        images = hipa.one_step(pipe, "a photo of a sneaker", adapter=root / "hipa", num_images_per_prompt=2).images
     finally:
         hook.remove()
     assert len(images) == 2 and batches == [2] and images[0].size == (32, 32)
     assert pipe.scheduler.__class__.__name__ == "UniPCMultistepScheduler"  # restored after the one step
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT and flow families: the student is one call at T (PixArt), or one Euler step from σ = 1 (SD3, Flux).
+
+DIT_FAMILIES = {"pixart": "tiny_pixart_pipeline", "sd3": "tiny_sd3_pipeline", "flux": "tiny_flux_pipeline"}
+
+
+@pytest.mark.parametrize("name", DIT_FAMILIES)
+def test_one_step_on_dit_and_flow_families(name):
+    import pipelines.tiny as tiny
+
+    pipe = getattr(tiny, DIT_FAMILIES[name])()
+    pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe)
+    prompts = ["a photo of a bag"] * 2
+    calls = []
+    hook = family.denoiser.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        latents = hipa.one_step(pipe, prompts[0], num_images_per_prompt=2, generator=seeded_generators(9, 2), height=32,
+                                width=32, output_type="latent").images
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and type(pipe.scheduler).__name__ == type(hipa.base_scheduler(pipe)).__name__
+    noise = hipa.seeded_noise(pipe, 2, seed=9, height=32, width=32)
+    cond = family.encode_text(prompts)
+    with torch.no_grad():
+        x0 = hipa.student_x0(family, noise, cond)
+        if family.flow:  # one Euler step from pure noise at σ = 1 (timestep 1000): x0 = z − v
+            assert torch.allclose(x0, noise - family.predict(noise, 1000.0, cond), atol=1e-6)
+    assert torch.allclose(family.unpack(latents, 32, 32), x0, atol=1e-5)
+    if family.flow:
+        with pytest.raises(ValueError, match="σ = 1"):
+            hipa.one_step(pipe, prompts[0], height=32, width=32, timestep=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory):
+    from pipelines.tiny import tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    tiny_flux_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", DIT_FAMILIES)
+def test_studio_hipa_trains_dit_and_flow_families(name, request, tmp_path, capsys):
+    import json
+
+    from pipelines import load_pipeline
+    from studio.cli import main
+    from studio.files import read_jsonl
+
+    base = request.getfixturevalue(f"tiny_{name}_dir")
+    run_dir = tmp_path / "run"
+    code = main(["hipa", "--base", str(base), "--out", str(run_dir), "--pairs", "2", "--teacher-steps", "2",
+                 "--teacher-scheduler", "unipc", "--prompts", "a photo of a bag|a photo of a coat", "--steps", "4",
+                 "--batch-size", "2", "--resolution", "32", "--lr", "1e-2", "--warmup-steps", "0", "--rank", "4",
+                 "--lr-scheduler", "constant", "--validation-seeds", "0", "--checkpoint-every", "10", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((run_dir / "adapter" / "hipa.json").read_text())
+    manifest = json.loads((run_dir / "teacher" / "manifest.json").read_text())
+    assert info["family"] == name and info["size"] == 32
+    if name == "pixart":  # a VP model: unipc as asked, the student at T
+        assert manifest["sampler"] == "UniPCMultistepScheduler" and info["timestep"] < 1000
+    else:  # unipc samples noise-prediction models: the flow teacher keeps its own scheduler, the student σ = 1
+        assert manifest["scheduler"] == "default" and manifest["sampler"] == "FlowMatchEulerDiscreteScheduler"
+        assert info["timestep"] == 1000
+    # every step's batch is both fixed pairs: the loss logged at step k is the loss after k - 1 updates
+    losses = [r["loss"] for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (run_dir / "samples" / "step-000004" / "p0-seed0.png").is_file()  # one-step validation samples
+
+    pipe = load_pipeline(str(base), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    plain = hipa.one_step(pipe, "a photo of a bag", generator=seeded_generators(3, 1), height=32, width=32,
+                          output_type="latent").images
+    trained = hipa.one_step(pipe, "a photo of a bag", adapter=run_dir / "adapter", generator=seeded_generators(3, 1),
+                            output_type="latent").images
+    assert trained.shape == plain.shape and not torch.allclose(trained, plain, atol=1e-4)  # at hipa.json's size
+    image = hipa.one_step(pipe, "a photo of a bag", adapter=run_dir / "adapter",
+                          generator=seeded_generators(3, 1)).images[0]
+    assert image.size == (32, 32)

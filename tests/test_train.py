@@ -71,8 +71,11 @@ def test_stop_then_resume_is_bitwise_identical(tiny_sd_dir, subject, reference, 
     assert _losses(out) == _losses(reference)  # the log was cut back to the checkpoint, then continued
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tiny_sd_dir, subject, tmp_path):
-    settings = _config(tiny_sd_dir, subject, tmp_path / "killed", steps=10, checkpoint_every=2, keep_checkpoints=3)
+@pytest.mark.parametrize("base", ["tiny_sd_dir", "tiny_sd3_dir"])  # a UNet, and a DiT with the flow objective
+def test_sigkill_then_resume_is_bitwise_identical(base, subject, tmp_path, request):
+    tiny_sd_dir = request.getfixturevalue(base)
+    settings = _config(tiny_sd_dir, subject, tmp_path / "killed", steps=10, checkpoint_every=2, keep_checkpoints=3,
+                       resolution=32)
     flags = []
     for key, value in settings.items():
         flag = "--" + key.replace("_", "-")
@@ -96,7 +99,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_sd_dir, subject, tmp_path
     assert run_status(tmp_path / "killed").get("state") in ("running", None)  # killed: no clean ending written
     assert not (tmp_path / "killed" / "adapter").exists()
     train({**settings, "resume": True})
-    train(_config(tiny_sd_dir, subject, tmp_path / "clean", steps=10, checkpoint_every=2))
+    train(_config(tiny_sd_dir, subject, tmp_path / "clean", steps=10, checkpoint_every=2, resolution=32))
     _same(_adapter(tmp_path / "clean"), _adapter(tmp_path / "killed"))
     assert _losses(tmp_path / "clean") == _losses(tmp_path / "killed")
 
@@ -285,3 +288,41 @@ def test_subject_bench_makes_the_class_images_training_then_finds_cached(tiny_sd
     train(_config(tiny_sd_dir, subject, tmp_path / "run", steps=1, seed=0, class_sampling_steps=25, **prior))
     assert sorted((tmp_path / "cache").rglob("class-*.png")) == pngs
     assert [p.stat().st_mtime_ns for p in pngs] == stamp
+
+
+def test_rslora_reaches_the_adapter_from_flags_yaml_and_config(tmp_path):
+    from studio.commands.train import add_config_arguments, config_from_args
+    import argparse
+
+    config = TrainConfig.from_dict({"method": "tlora", "rank": 6, "alpha": 1, "rslora": True, "out": "x"})
+    assert config.adapter_config().scale == pytest.approx(1 / 6 ** 0.5)  # TLoRA's paper scale, 0.41 at R = 6
+    assert TrainConfig.from_dict({"method": "tlora", "rank": 6, "out": "x"}).adapter_config().scale == 1.0
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    (tmp_path / "c.yaml").write_text("rslora: true\nalpha: 1\n")
+    for argv in (["--rslora", "--alpha", "1"], ["--config", str(tmp_path / "c.yaml")]):
+        settings = config_from_args(parser.parse_args(argv + ["--method", "tlora", "--rank", "6", "--out", "x"]))
+        assert TrainConfig.from_dict(settings).adapter_config().scale == pytest.approx(1 / 6 ** 0.5)
+
+
+@pytest.mark.parametrize("method, kept", [("tlora", ("tlora_T",)), ("dora", ("dora_magnitude",)),
+                                          ("loldu", ("loldu_z", "loldu_sigma")), ("lora", ())])
+def test_weight_decay_spares_tensors_whose_neutral_value_is_not_zero(method, kept):
+    """With zero gradients AdamW only decays: transform cores, magnitudes and LoLDU's scalars must not move."""
+    from pipelines.tiny import tiny_sd_pipeline
+    from studio.train import Trainable, make_optimizer
+
+    config = TrainConfig.coerce(TrainConfig(method=method, rank=2, weight_decay=0.5, lr=0.1, out="x"))
+    trainable = Trainable(tiny_sd_pipeline().unet, config)
+    named = [(key, p) for layer in trainable.layers() for key, p in layer.named_parameters()]
+    before = [p.detach().clone() for _, p in named]
+    optimizer = make_optimizer(config, trainable.parameter_groups(config.weight_decay))
+    for p in trainable.params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for (key, p), old in zip(named, before):
+        if key.startswith(kept):
+            assert torch.equal(p, old), key
+        elif old.any():
+            assert not torch.equal(p, old), key  # everything else decays as before
+    assert not kept or any(key.startswith(kept) for key, _ in named)

@@ -19,7 +19,9 @@ def add_arguments(p):
     p.add_argument("--guidance", type=float, default=None, help="CFG (default: the model's own)")
     p.add_argument("--scheduler", default=None, help="sampler name (default: the model's own)")
     p.add_argument("--strength", type=float, default=0.3, help="DiffuseHigh re-noise strength")
-    p.add_argument("--guidance-steps", type=int, default=5, help="DiffuseHigh structure-guided steps per stage")
+    p.add_argument("--guidance-steps", type=float, default=1 / 3,
+                   help="DiffuseHigh: structure-guided fraction of each stage's denoising steps, in [0, 1] "
+                        "(default 1/3: the authors' 5 of 15)")
     p.add_argument("--stage-guidance", type=float, default=None, help="CFG of the hires stages (default: --guidance)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--grid", default=None, help="also write a picture grid PNG here (rows: classes, columns: methods)")
@@ -59,7 +61,7 @@ def run(args):
     from pipelines import load_pipeline
     from pipelines.diffusehigh import diffusehigh, parse_scales
     from pipelines.image_metrics import hf_energy_ratio, low_band_psnr, resize
-    from pipelines.text2image import GenerationSettings, generate, native_size
+    from pipelines.text2image import GenerationSettings, generate_from, native_size, seeded_generators
     from studio.evaluate import default_sampling, load_evaluator
     from studio.fashion import PRETRAINED_CLASSES, prompt_for
 
@@ -77,6 +79,7 @@ def run(args):
 
     # method -> size -> {"images": [...], "classes": [...], "seconds": float}
     results = {}
+    stage_steps = {}  # hires size -> (guided steps, denoising steps) of that stage
 
     def record(method, size, images, name, seconds):
         entry = results.setdefault(method, {}).setdefault(size, {"images": [], "classes": [], "seconds": 0.0})
@@ -86,11 +89,13 @@ def run(args):
 
     for k, name in enumerate(PRETRAINED_CLASSES):
         prompt, seed = prompt_for(name), int(args.seed) + k * n
-        out = diffusehigh(pipe, prompt, scales, steps=args.steps, guidance=guidance, seed=seed, num_images=n,
-                          scheduler=scheduler, strength=args.strength, guidance_steps=args.guidance_steps,
+        out = diffusehigh(pipe, prompt, scales, num_inference_steps=args.steps, guidance_scale=guidance,
+                          generator=seeded_generators(seed, n), num_images_per_prompt=n, scheduler=scheduler,
+                          strength=args.strength, guidance_steps=args.guidance_steps,
                           stage_guidance=args.stage_guidance, output_type="pt")
         record("native", native, out.stages[0], name, out.seconds[0])
         for stage, (size, _) in enumerate(out.sizes[1:], start=1):
+            stage_steps[size] = (out.guided_steps[stage], out.steps[stage])
             record("DiffuseHigh", size, out.stages[stage], name, out.seconds[stage])
             upscaled = torch.nn.functional.interpolate(out.stages[0], size=(size, size), mode="bicubic",
                                                        align_corners=False).clamp(0, 1)
@@ -98,7 +103,7 @@ def run(args):
             settings = GenerationSettings(prompt=prompt, steps=args.steps, guidance=guidance, seed=seed,
                                           height=size, width=size, num_images=n, scheduler=scheduler)
             started = time.perf_counter()
-            direct = generate(pipe, settings, output_type="pt").float().cpu()
+            direct = generate_from(pipe, settings, output_type="pt").float().cpu()
             record("direct", size, direct, name, time.perf_counter() - started)
         print(f"  {name}: done", flush=True)
 
@@ -128,5 +133,7 @@ def run(args):
             "settings": {"base": args.base, "scales": list(scales), "per_class": n, "steps": args.steps,
                          "guidance": guidance, "scheduler": scheduler, "strength": args.strength,
                          "guidance_steps": args.guidance_steps, "stage_guidance": args.stage_guidance,
+                         "guided_steps": {f"{size}x{size}": f"{guided} of {count}"
+                                          for size, (guided, count) in sorted(stage_steps.items())},
                          "seed": args.seed, "classes": PRETRAINED_CLASSES, "native": native,
                          "hf_energy": "share of spectral energy above the native Nyquist frequency (cutoff native/size)"}}

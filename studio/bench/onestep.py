@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from pipelines.assets import assets_dir
+
 EVAL_SEED = 10_000
-DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "assets" / "hipa"
+DEFAULT_ADAPTER = assets_dir() / "hipa"
 
 
 def add_arguments(p):
@@ -70,18 +72,19 @@ def _methods(args, teacher):
 
 def _generate(pipe, method, prompt, count, seed, guidance):
     from pipelines.hipa import drop_adapter, one_step, teacher_images
-    from pipelines.text2image import GenerationSettings, generate
+    from pipelines.text2image import GenerationSettings, generate_from, seeded_generators
 
     if method["kind"] == "one":
         if method["adapter"] is None:
             drop_adapter(pipe)
-        return one_step(pipe, prompt, adapter=method["adapter"], num_images=count, seed=seed)
+        return one_step(pipe, prompt, adapter=method["adapter"], num_images_per_prompt=count,
+                        generator=seeded_generators(seed, count)).images
     drop_adapter(pipe)
     if method["kind"] == "teacher":
         return teacher_images(pipe, prompt, count, seed, method["scheduler"], method["steps"], guidance, method["spacing"])
     settings = GenerationSettings(prompt=prompt, steps=method["steps"], guidance=guidance, seed=seed,
                                   num_images=count, scheduler=method["scheduler"])
-    return generate(pipe, settings)
+    return generate_from(pipe, settings)
 
 
 def run(args):

@@ -123,9 +123,12 @@ def bench_base(base, args, evaluator, rows, notes):
             unipc_mse = None
             for name in samplers:
                 started = time.perf_counter()
-                final = sample(_scheduler(pipe, name, guidance, overrides), denoise, noise, steps)
+                scheduler = _scheduler(pipe, name, guidance, overrides)
+                final = sample(scheduler, denoise, noise, steps)
                 row = {"base": base, "guidance": guidance, "sampler": name, "steps": steps, "mse": mse(final, target),
                        **_scores(evaluator, pipe, final, classes), "seconds": time.perf_counter() - started}
+                if hasattr(scheduler, "ratio_source"):  # table, cpr, or unvalidated (outside the fit: = UniPC)
+                    row["ratios"] = scheduler.ratio_source
                 if name == "unipc":
                     unipc_mse = row["mse"]
                 rows.append(row)
@@ -149,7 +152,7 @@ def run(args):
         bench_base(base, args, evaluator, rows, notes)
     for note in notes:
         print(note)
-    columns = ["base", "guidance", "steps", "sampler", "mse", "mse_vs_unipc_%", "prompt_acc", "fd", "seconds"]
+    columns = ["base", "guidance", "steps", "sampler", "ratios", "mse", "mse_vs_unipc_%", "prompt_acc", "fd", "seconds"]
     return {"rows": rows, "columns": columns, "notes": notes,
             "settings": {"steps": args.steps, "guidance": args.guidance, "per_class": args.per_class,
                          "seed": args.seed, "reference": args.reference, "reference_steps": args.reference_steps,

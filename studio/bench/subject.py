@@ -31,6 +31,12 @@ METHOD_DEFAULTS = {
     "sara": {"rank": 4, "lr": 3e-3, "targets": "all", "steps": 600},
     "full": {"lr": 1e-4, "steps": 300},
 }
+# DiT denoisers (the embedded PixArt-style DiT) hold no convolutions, so "attn+conv" is attention alone there:
+# LoLDU and TLoRA take the MLPs instead (tuned on embedded-dit, 2026-11-29; docs/training.md).
+DIT_DEFAULTS = {
+    "loldu": {"targets": "attn+ff", "steps": 600},
+    "tlora": {"targets": "attn+ff", "steps": 400},
+}
 
 
 def add_arguments(p):
@@ -77,9 +83,10 @@ def _overrides(items) -> dict:
 
 
 def _subject_folder(args) -> Path:
+    from pipelines.assets import assets_dir
     from studio.fashion import HELD_OUT
 
-    folder = Path(args.images) if args.images else ROOT / "assets" / "subjects" / HELD_OUT
+    folder = Path(args.images) if args.images else assets_dir() / "subjects" / HELD_OUT
     if not folder.is_dir():
         raise FileNotFoundError(f"subject images not found: {folder} (give --images DIR)")
     return folder
@@ -102,6 +109,13 @@ def _train_in_subprocess(config: dict, folder: Path) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         return {"error": tail[0], "wall_seconds": round(seconds, 1)}
     return {"wall_seconds": round(seconds, 1)}
+
+
+def _is_dit(args) -> bool:
+    from pipelines import load_pipeline
+    from pipelines.families import family_of
+
+    return family_of(load_pipeline(args.base, device=args.device)).component == "transformer"
 
 
 def _class_images(args, prior) -> float:
@@ -148,16 +162,18 @@ def _evaluate(args, method, run_dir, evaluate_base):
     """Score the fine-tuned model: all 10 class prompts, the held-out one being the subject prompt."""
     from pipelines import load_pipeline
 
+    from pipelines.families import family_of
+
     pipe = load_pipeline(args.base, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    if method == "full":
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").to(pipe.device)
+    family = family_of(pipe)
+    if method == "full":  # the fine-tuned denoiser replaces the pipeline's (UNet or transformer)
+        trained = type(family.denoiser).from_pretrained(run_dir / family.component).to(pipe.device)
+        setattr(pipe, family.component, trained)
     else:
         from adapters import load_adapter
 
-        load_adapter(pipe.unet, run_dir / "adapter", name="subject")
+        load_adapter(family.denoiser, run_dir / "adapter", name="subject")
     return evaluate_base(args.base, per_class=args.per_class, pipe=pipe, device=args.device, seed=args.eval_seed)
 
 
@@ -193,12 +209,14 @@ def run(args):
                  "class_images": args.prior, "class_cache": str(work / "class-images")}
         details["prior_images_seconds"] = _class_images(args, prior)
     sampling = default_sampling(args.base)  # learning-curve samples use the evaluation's guidance and steps
+    dit = _is_dit(args)
     for method in methods:
         if method not in METHODS and method != "full":
             rows.append({"method": method, "error": "not available in adapters.METHODS yet"})
             continue
         run_dir = work / f"{stamp}-{method}"
-        settings = {**METHOD_DEFAULTS.get(method, {}), **({"steps": args.steps} if args.steps else {}),
+        settings = {**METHOD_DEFAULTS.get(method, {}), **(DIT_DEFAULTS.get(method, {}) if dit else {}),
+                    **({"steps": args.steps} if args.steps else {}),
                     **overrides.get("all", {}), **overrides.get(method, {})}
         steps = int(settings.setdefault("steps", 300))
         config = {"base": args.base, "images": str(images), "prompt": args.prompt, "method": method,
@@ -213,6 +231,7 @@ def run(args):
         outcome = _train_in_subprocess(config, run_dir)
         if "error" in outcome:
             rows.append({"method": method, "error": outcome["error"], "wall_seconds": outcome["wall_seconds"]})
+            _save(args, rows, curves, details, images)
             continue
         from studio.files import read_jsonl
         from studio.train import run_status
@@ -230,11 +249,16 @@ def run(args):
                      "prior_accuracy": round(scores["prompt_accuracy"], 3),
                      "prior_delta": round(scores["prompt_accuracy"] - base["prompt_accuracy"], 3),
                      "fd": round(scores["fd"], 3)})
-        if args.json:  # a long benchmark keeps what it has measured if it is stopped part-way
-            from studio.files import write_json
-
-            write_json(args.json, _result(args, rows, curves, details, images))
+        _save(args, rows, curves, details, images)
     return _result(args, rows, curves, details, images)
+
+
+def _save(args, rows, curves, details, images):
+    """A long benchmark keeps what it has measured (failures too) if it is stopped part-way."""
+    if args.json:
+        from studio.files import write_json
+
+        write_json(args.json, _result(args, rows, curves, details, images))
 
 
 def _result(args, rows, curves, details, images) -> dict:

@@ -2,8 +2,9 @@
 
 A frozen multi-step teacher makes (prompt, noise, image) pairs, cached in RUN_DIR/teacher (or
 --teacher-cache); a low-rank adapter then learns to reproduce each image in ONE model call from the
-same noise. Every `studio train` flag works here too (--method, --rank, --steps, --lr, --resume, ...);
-HiPA's own defaults differ: see studio/hipa.py TRAIN_DEFAULTS. Use the result with
+same noise: at T on SD, SDXL and PixArt, one Euler step from σ = 1 on SD3 and Flux (--base any of them;
+--resolution sets the training size). Every `studio train` flag works here too (--method, --rank, --steps,
+--lr, --resume, ...); HiPA's own defaults differ: see studio/hipa.py TRAIN_DEFAULTS. Use the result with
 `studio generate --one-step RUN_DIR/adapter`.
 """
 import argparse
@@ -11,15 +12,17 @@ import argparse
 # flag -> objective_options key (HiPA's own settings; part of what a resume must match)
 OPTION_FLAGS = {
     "pairs": (int, "number of teacher pairs (default 512)"),
-    "teacher_scheduler": (str, "teacher sampler: default (the model's own), ddim, euler, unipc, dpm++, ..."),
+    "teacher_scheduler": (str, "teacher sampler: default (the model's own), ddim, euler, unipc, dpm++, ...; "
+                               "flow-matching models (SD3, Flux) always sample with their own"),
     "teacher_steps": (int, "teacher sampling steps (default 25)"),
     "teacher_guidance": (float, "teacher CFG scale, baked into the adapter (default: the model's own)"),
     "teacher_spacing": (str, "teacher timestep spacing: leading (default; first step below t=999), trailing, "
-                             "linspace, or model (the scheduler's own)"),
+                             "linspace, or model (the scheduler's own); not for flow-matching models"),
     "teacher_cache": (str, "folder for the teacher pairs (default RUN_DIR/teacher); reusable across runs"),
     "pair_seed": (int, "seed of pair 0's noise (pair i uses seed + i; default 0)"),
     "prompts": (str, "prompts for the pairs, separated by '|' (default: every pretrained class prompt)"),
-    "timestep": (int, "the one-step timestep T (default: the latest with signal scale >= 0.06; 999 for SD)"),
+    "timestep": (int, "the one-step timestep T (default: the latest with signal scale >= 0.06; 999 for SD); "
+                      "flow-matching models start at sigma = 1 (1000)"),
 }
 # flag -> HiPALossConfig field
 LOSS_FLAGS = {
