@@ -1,4 +1,5 @@
-"""python app.py: the Diffusion Studio in the browser, on the embedded model, at http://127.0.0.1:7860.
+"""python app.py: the Diffusion Studio in the browser, on the embedded model, at http://127.0.0.1:7860
+(or at GRADIO_SERVER_NAME:GRADIO_SERVER_PORT when those are set, as on Hugging Face Spaces).
 
 Same options as `studio serve` (python app.py --help): --base, --host, --port, --home, --auth, ...
 """

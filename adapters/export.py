@@ -7,11 +7,15 @@ down = V_rᵀ (r, in[, kh, kw]), alpha = r so that the loaded scale is 1. Conv l
 
 Formats:
   "diffusers": pytorch_lora_weights.safetensors with keys "<prefix>.<module path>.lora_A.weight" /
-               ".lora_B.weight" (prefix "unet" for UNets, "transformer" for DiTs); what
-               `pipe.load_lora_weights(folder)` reads.
-  "kohya":     one .safetensors with "lora_unet_<path with _>.lora_down.weight", ".lora_up.weight",
-               ".alpha" (prefix "lora_transformer" for DiTs) plus ss_* metadata; every layer gets the
-               same rank (smaller ones zero-padded) so any alpha fallback still gives scale 1.
+               ".lora_B.weight" (prefix "unet" for UNets, "transformer" for DiTs) and no alpha (scale 1), as
+               diffusers' own save_lora_weights writes them: what `pipe.load_lora_weights(folder)` reads on
+               SD1.x/SDXL/SD3/Flux, and the keys ComfyUI's loader reads for SD3, Flux and PixArt (diffusers has
+               no LoRA loader for PixArt pipelines; peft loads the file onto the transformer).
+  "kohya":     one .safetensors with "lora_unet_<path with _>.lora_down.weight", ".lora_up.weight", ".alpha"
+               plus ss_* metadata (A1111, ComfyUI, diffusers' kohya conversion); every layer gets the same rank
+               (smaller ones zero-padded) so any alpha fallback still gives scale 1. Other models get the prefix
+               "lora_transformer" (OneTrainer's keys, which ComfyUI reads for SD3 and Flux; diffusers does not:
+               give DiTs the diffusers format). PixArt has no reader of kohya keys, so that export is refused.
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ def _prefix(model, fmt):
     unet = "UNet" in type(model).__name__
     if fmt == "diffusers":
         return "unet" if unet else "transformer"
+    if "PixArt" in type(model).__name__:
+        raise ValueError("no tool reads kohya keys for PixArt: export it with format='diffusers' "
+                         "(transformer.* keys, which ComfyUI reads)")
     return "lora_unet" if unet else "lora_transformer"
 
 
@@ -90,8 +97,8 @@ def export_lora(model, path, rank: int, format: str = "diffusers", name: str | N
         raise ValueError(f"unknown export format {format!r}: use 'diffusers' or 'kohya'")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"export rank must be a positive integer, got {rank!r}")
-    deltas, skipped = dense_deltas(model, name)
     prefix = _prefix(model, format)
+    deltas, skipped = dense_deltas(model, name)
     factors = {path: low_rank_factors(delta, rank) for path, (delta, _) in deltas.items()}
     # kohya files get one rank for every layer (zero-padded, ΔW unchanged): diffusers' kohya conversion
     # drops some alphas (e.g. mid_block attention) and falls back to the first layer's alpha.
@@ -122,7 +129,8 @@ def export_lora(model, path, rank: int, format: str = "diffusers", name: str | N
         path = path / DIFFUSERS_WEIGHTS
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                "ss_network_alpha": str(rank), "exported_from": ",".join(sorted(_records(model)) if name is None else [name])}
+    metadata = {"format": "pt", "exported_from": ",".join(sorted(_records(model)) if name is None else [name])}
+    if format == "kohya":  # kohya's own training metadata, which A1111 shows
+        metadata.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank))
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return {"path": str(path), "format": format, "layers": report, "skipped": skipped}

@@ -103,13 +103,27 @@ def read_adapter(path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
     return cfg, raw, tensors
 
 
-def load_adapter(model, path, name: str | None = None, weight: float = 1.0):
+def load_adapter(model, path, name: str | None = None, weight: float = 1.0, paths=None):
     """Attach the adapter saved in folder `path` as `name` (default: the folder name) with `weight`.
-    Every check (architecture, shapes, fingerprints) runs before the model is touched."""
+    Every check (architecture, shapes, fingerprints) runs before the model is touched.
+    paths: a function from a saved site path to where that layer is in `model` now (e.g. inside the wrapper
+    another library put around it); default: the same path."""
     cfg, raw, tensors = read_adapter(path)
     name = name or Path(path).name
     if name in _records(model):
         raise ValueError(f"an adapter named {name!r} is already attached; pass another name")
-    layers = build_layers(model, cfg, exact=list(raw.get("target_modules", [])), saved=tensors)
+    sites = list(raw.get("target_modules", []))
+    if paths is not None:
+        moved = {site: paths(site) for site in sites}
+        tensors = {_moved_key(key, moved): tensor for key, tensor in tensors.items()}
+        sites = list(moved.values())
+    layers = build_layers(model, cfg, exact=sites, saved=tensors)
     load_into_layers(layers, tensors)
     return _install(model, name, cfg, layers, weight)
+
+
+def _moved_key(key: str, moved: dict) -> str:
+    """A tensor key "<site path>.<tensor name>" with its site path replaced (the longest site that prefixes it:
+    tensor names may hold dots themselves)."""
+    cut = max((i for i, c in enumerate(key) if c == "." and key[:i] in moved), default=None)
+    return key if cut is None else moved[key[:cut]] + key[cut:]

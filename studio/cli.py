@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("studio.commands.eval", "prompt accuracy and FD-classifier of a base model (+ adapter)"),
     "hipa": ("studio.commands.hipa", "train a HiPA one-step adapter (shared training loop, resumable)"),
     "train": ("studio.commands.train", "fine-tune on a subject with any adapter (resumable)"),
+    "plan": ("studio.commands.plan", "predict a training run's peak memory; --budget: the fastest settings that fit"),
     "jobs": ("studio.commands.jobs", "the training queue: list, submit, cancel, resume, worker"),
     "library": ("studio.commands.library", "the adapter library: list, add, rename, delete, export as LoRA"),
     "serve": ("studio.commands.serve", "the studio in the browser (Gradio) on 127.0.0.1"),

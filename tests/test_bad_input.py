@@ -231,6 +231,8 @@ def test_failed_library_overwrite_keeps_the_old_adapter(capsys, tmp_path, saved_
     with pytest.raises(ValueError):
         library.add_adapter(broken, "mine", home=home, overwrite=True)
     err = one_line_error(capsys, ["library", "--home", str(home), "add", str(broken), "--name", "mine"])
+    assert "is not an adapter config" in err  # the source is checked before anything else
+    err = one_line_error(capsys, ["library", "--home", str(home), "add", str(saved_adapter), "--name", "mine"])
     assert "already has" in err
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in library.adapters_dir(home).iterdir()] == ["mine"]  # no temp folder left

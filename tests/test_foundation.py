@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipelines import GenerationSettings, PipelineLoadError, generate, load_pipeline
+from pipelines import PipelineLoadError, generate, load_pipeline, seeded_generators
 from studio.cli import main
 
 
@@ -15,9 +15,8 @@ def test_family_loads_from_folder_and_generates(fixture, request):
     pipe = load_pipeline(request.getfixturevalue(fixture), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.attention_backend == "sdpa"
-    settings = GenerationSettings(prompt="a cat", steps=2, height=32, width=32, num_images=2, seed=3)
-    a = generate(pipe, settings, output_type="np")
-    b = generate(pipe, settings, output_type="np")
+    a, b = (generate(pipe, "a cat", num_inference_steps=2, height=32, width=32, num_images_per_prompt=2,
+                     generator=seeded_generators(3, 2), output_type="np").images for _ in range(2))
     assert a.shape == (2, 32, 32, 3)
     assert np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)

@@ -54,6 +54,7 @@ def test_server_binds_localhost_by_default(monkeypatch):
 
     assert inspect.signature(ui.launch).parameters["host"].default == "127.0.0.1"
     monkeypatch.delenv("STUDIO_HOST", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     import argparse
 
     parser = argparse.ArgumentParser()

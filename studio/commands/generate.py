@@ -20,8 +20,9 @@ def add_arguments(p):
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory order (GPU convs)")
     p.add_argument("--out", required=True, help="a .png file, or a folder for numbered files")
     p.add_argument("--hires", default=None, help="DiffuseHigh: scales of the native size, e.g. 2 or 2,4 (saves the largest)")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
-                   help="apply an adapter (repeatable), e.g. runs/bag/adapter:0.8")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply an adapter (repeatable): a studio adapter folder (runs/bag/adapter:0.8) or a LoRA "
+                        ".safetensors file in kohya/A1111, diffusers/PEFT, ComfyUI or LyCORIS LoCon layout (style.safetensors:0.6)")
     p.add_argument("--one-step", default=None, metavar="ADAPTER_DIR", help="HiPA: one model call per image with this adapter")
 
 
@@ -61,9 +62,13 @@ def run(args):
 
 
 def parse_adapter(text: str):
-    """'DIR' or 'DIR:WEIGHT' -> (DIR, weight)."""
-    folder, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    """'PATH' or 'PATH:WEIGHT' -> (PATH, weight); a path that itself holds a ':' is taken whole when it exists."""
+    from pathlib import Path
+
+    path, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
     try:
-        return folder, float(weight)
+        return path, float(weight)
     except ValueError:
-        raise ValueError(f"--adapter takes DIR or DIR:WEIGHT (a number), got {text!r}") from None
+        if Path(text).expanduser().exists():
+            return text, 1.0
+        raise ValueError(f"--adapter takes PATH or PATH:WEIGHT (a number), got {text!r}") from None

@@ -1,4 +1,4 @@
-"""studio library list|add|rename|delete|export: the adapter library in the workspace (the Library tab's functions)."""
+"""studio library list|add|import|rename|delete|export: the adapter library in the workspace (the Library tab's functions)."""
 
 
 def add_arguments(p):
@@ -8,6 +8,10 @@ def add_arguments(p):
     add = sub.add_parser("add", help="copy an adapter folder (or a finished run's adapter/) into the library")
     add.add_argument("folder")
     add.add_argument("--name", required=True)
+    imp = sub.add_parser("import", help="copy a LoRA file made elsewhere into the library (kohya/A1111, diffusers/PEFT, "
+                                        "ComfyUI or LyCORIS LoCon .safetensors)")
+    imp.add_argument("file", help="a .safetensors file, or a folder with pytorch_lora_weights.safetensors")
+    imp.add_argument("--name", default=None, help="library name (default: the file's name)")
     rename = sub.add_parser("rename", help="rename an adapter")
     rename.add_argument("name")
     rename.add_argument("new_name")
@@ -41,6 +45,10 @@ def run(args):
         if not library.is_adapter_dir(folder) and library.is_adapter_dir(folder / "adapter"):
             folder = folder / "adapter"
         print(library.add_adapter(folder, args.name, home=args.home))
+        return 0
+    if action == "import":
+        path = library.import_lora(args.file, name=args.name, home=args.home)
+        print(f"{path}  ({library.adapter_info(path)['config']['summary']})")
         return 0
     if action == "rename":
         print(library.rename_adapter(args.name, args.new_name, home=args.home))
