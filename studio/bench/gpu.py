@@ -176,7 +176,7 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False, rank=Non
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _cpu_peak_mib(unet, optimizer, step)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else cpu_peak_bytes(unet, optimizer, step) / 2**20
     flops = _flops_per_step(unet, (latents, timesteps, text))
     seconds = statistics.median(times)
     ranked = variant.partition("@")[0] not in ("sara", "full")
@@ -188,17 +188,29 @@ def _train_row(args, variant, batch, device, dtype, compile_unet=False, rank=Non
     return row
 
 
-def _cpu_peak_mib(unet, optimizer, step):
+def resident_tensors(model, optimizer) -> list:
+    """The tensors a training step starts with: weights, buffers, optimiser state, and the gradients of earlier
+    micro-batches when it accumulates."""
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return [*model.parameters(), *model.buffers(), *state, *grads]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage once (views and shared tensors share it)."""
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def cpu_peak_bytes(model, optimizer, step) -> int:
     """What max_memory_allocated reports on CUDA, for a CPU: resident tensors (weights, buffers, optimiser
-    state) plus the peak of the tensors one more step allocates."""
+    state) plus the peak of the tensors one more step allocates. `studio plan --measure` measures with it; the
+    plan's prediction counts the same way on fake tensors."""
     from studio.bench.live_memory import LiveTensorBytes
 
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    resident = {id(t.untyped_storage()): t.untyped_storage().nbytes()
-                for t in [*unet.parameters(), *unet.buffers(), *state]}
-    with LiveTensorBytes().ignore(unet.parameters(), unet.buffers(), state) as meter:
+    resident = resident_tensors(model, optimizer)
+    with LiveTensorBytes().ignore(resident) as meter:
         step()
-    return (sum(resident.values()) + meter.peak) / 2**20
+    return storage_bytes(resident) + meter.peak
 
 
 def _sampling_row(args, attention, device, dtype, batch=4):
