@@ -48,6 +48,22 @@ class UIContext:
         return event
 
 
+_LIBRARIES = threading.Lock()
+
+
+def load_libraries():
+    """Import diffusers, transformers and peft once, one handler at a time. The page's handlers run on several
+    threads (the model lane, the memory line); two threads importing these packages' lazy modules together can
+    deadlock in Python's import machinery, which then hands one of them a half-initialised module
+    ("cannot import name 'AutoModel' from 'transformers'")."""
+    with _LIBRARIES:
+        import diffusers
+        import transformers
+
+        transformers.AutoModel, transformers.CLIPTextModel  # noqa: B018 - resolves the lazy chains diffusers uses
+        diffusers.DiffusionPipeline, diffusers.AutoencoderKL, diffusers.UNet2DConditionModel  # noqa: B018
+
+
 def first_line(exc) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio import library
-from studio.ui import GPU_LANE, base_choices, raise_for_ui
+from studio.ui import GPU_LANE, base_choices, load_libraries, raise_for_ui
 from studio.ui_generate import NO_ADAPTER, SCHEDULER_CHOICES, adapter_choices
 
 AXIS_CHOICES = [("Scheduler", "scheduler"), ("Steps", "steps"), ("Guidance", "guidance"), ("Seed", "seed"),
@@ -75,6 +75,7 @@ def build(ctx) -> CompareTab:
 
         def work():
             try:
+                load_libraries()
                 result["grid"] = run_grid(settings, xk, xs, yk, ys, base=base_name, adapter=chosen, weight=float(weight_v),
                                           home=ctx.home, device=ctx.device, stop=stop_flag.is_set,
                                           on_cell=lambda done, total, image: events.put((done, total)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio import library
-from studio.ui import GPU_LANE, base_choices, first_line, raise_for_ui
+from studio.ui import GPU_LANE, base_choices, first_line, load_libraries, raise_for_ui
 
 # (label, value): the value is the name run_generate / `studio generate --scheduler` takes.
 SCHEDULER_CHOICES = [("Model default", "default"), ("DDIM", "ddim"), ("Euler", "euler"), ("UniPC", "unipc"),
@@ -167,6 +167,7 @@ def build(ctx) -> GenerateTab:
 
         def work():
             try:
+                load_libraries()
                 from pipelines.text2image import decode_preview
                 from studio.generate import get_pipeline, run_generate
 

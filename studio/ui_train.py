@@ -21,7 +21,7 @@ import gradio as gr
 
 from studio import library
 from studio.files import read_jsonl
-from studio.ui import base_choices, first_line, raise_for_ui
+from studio.ui import base_choices, first_line, load_libraries, raise_for_ui
 
 log = logging.getLogger("studio.ui")
 
@@ -97,6 +97,47 @@ def plan_text(images: int, steps, repeats, batch, accum) -> str:
     if images < 1:
         return "Choose the subject images to see how many epochs the steps make."
     return "**What these steps mean:**\n\n" + "\n".join(f"- {line}" for line in plan.describe().splitlines())
+
+
+_MEMORY = {}  # memory lines by settings: the change handler and Start share them
+
+
+def memory_line(settings: dict, device=None) -> tuple:
+    """(markdown, fits) for a subject job's settings: the peak memory studio.plan predicts (one training step on
+    fake tensors: nothing is loaded or allocated) against the device the worker trains on, and when it does not
+    fit, the fastest memory savers that would."""
+    import json
+
+    from studio.plan import Planner, device_memory, format_size
+    from studio.train import TrainConfig
+
+    load_libraries()
+    kind, total = device_memory(device)
+    key = json.dumps([settings, kind], sort_keys=True, default=str)
+    if key not in _MEMORY:
+        config = TrainConfig.from_dict({**settings, "out": "placeholder"})
+        planner = Planner(config.base, device=kind)
+        prediction = planner.predict(config)
+        fits = prediction.peak <= planner.usable(total)
+        text = (f"**Memory:** predicted peak {format_size(prediction.peak)} ({prediction.bottleneck}) of "
+                f"{format_size(total)} on {kind}")
+        if not fits:
+            found = planner.search(config, total, limit=1).fits
+            text = (f"⚠ {text}: this run would run out of memory; "
+                    + (f"it fits with {found[0].describe()}." if found else "no memory saver makes it fit."))
+        _MEMORY[key] = (text, fits)
+    return _MEMORY[key]
+
+
+def memory_settings(base, method, rank, targets, options, batch, accum, precision, checkpointing, prior) -> dict:
+    """The Train form's fields that change a run's memory, as TrainConfig keys."""
+    settings = {"base": str(base or "embedded").strip(), "method": method, "batch_size": int(batch or 1),
+                "grad_accum": int(accum or 1), "mixed_precision": precision,
+                "gradient_checkpointing": bool(checkpointing), "prior_preservation": bool(prior),
+                "class_prompt": ["a photo"] if prior else []}
+    if method != FULL:
+        settings.update(rank=int(rank or 1), targets=str(targets or "attn").strip(), adapter_options=parse_options(options))
+    return settings
 
 
 # --- the worker process ------------------------------------------------------------------------------------
@@ -323,6 +364,8 @@ def build(ctx) -> TrainTab:
                                      elem_id="train-method")
                 rank = gr.Number(label="Rank", value=4, precision=0, minimum=1, elem_id="train-rank")
                 alpha = gr.Number(label="Alpha (0 = rank)", value=0, elem_id="train-alpha")
+                rslora = gr.Checkbox(label="rsLoRA scale: alpha / √rank (TLoRA's paper: alpha 1)", value=False,
+                                     elem_id="train-rslora")
             options = gr.Textbox(label="Method options (key = value)", lines=2, elem_id="train-options", visible=False)
             with gr.Row():
                 steps = gr.Number(label="Steps", value=300, precision=0, minimum=1, elem_id="train-steps")
@@ -358,7 +401,10 @@ def build(ctx) -> TrainTab:
                                               elem_id="train-class-prompt")
                     class_images = gr.Number(label="Class images per prompt", value=50, precision=0, minimum=1,
                                              elem_id="train-class-images")
-            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            with gr.Row(equal_height=True):
+                start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
+                memory = gr.Markdown("**Memory:** predicted when the settings change, and before a run starts.",
+                                     elem_id="train-memory")
             submit_status = gr.Markdown(elem_id="train-submit-status")
         with gr.Column(scale=3):
             gr.Markdown("### Jobs")
@@ -396,7 +442,7 @@ def build(ctx) -> TrainTab:
             opts = {}
         low_rank = method_v != FULL
         text = "\n".join(f"{k} = {json.dumps(v) if not isinstance(v, str) else v}" for k, v in opts.items())
-        return (gr.update(visible=low_rank), gr.update(visible=low_rank),
+        return (gr.update(visible=low_rank), gr.update(visible=low_rank), gr.update(visible=low_rank),
                 gr.update(value=text, visible=bool(opts)), gr.update(visible=low_rank))
 
     def on_plan(kind_v, source_v, sample_v, upload_v, steps_v, repeats_v, batch_v, accum_v, pairs_v):
@@ -405,12 +451,21 @@ def build(ctx) -> TrainTab:
                     f"then {int(steps_v or 0)} steps on batches of those pairs.")
         return plan_text(images_count(source_v, sample_v, upload_v), steps_v, repeats_v, batch_v, accum_v)
 
+    def on_memory(kind_v, *fields):
+        if kind_v == "hipa":
+            return "**Memory:** predicted for subject training (a HiPA run trains on its own teacher pairs)."
+        try:
+            return memory_line(memory_settings(*fields), ctx.device)[0]
+        except Exception as exc:  # noqa: BLE001 - a half-typed form: say so beside Start, never fail the page
+            return f"**Memory:** not predicted ({first_line(exc)})"
+
     def on_kind(kind_v):
         subject = kind_v != "hipa"
         return (gr.update(visible=subject), gr.update(visible=not subject), gr.update(visible=subject),
                 gr.update(value=300 if subject else HIPA_STEPS))
 
-    def submit(base_v, source_v, sample_v, upload_v, prompt_v, name_v, method_v, rank_v, alpha_v, options_v, steps_v,
+    def submit(base_v, source_v, sample_v, upload_v, prompt_v, name_v, method_v, rank_v, alpha_v, rslora_v, options_v,
+               steps_v,
                repeats_v, lr_v, batch_v, accum_v, schedule_v, warmup_v, seed_v, targets_v, precision_v,
                validate_v, vsteps_v, ckpt_v, checkpointing_v, flip_v, prior_v, class_prompt_v, class_images_v, kind_v,
                pairs_v):
@@ -418,7 +473,8 @@ def build(ctx) -> TrainTab:
 
         try:
             if kind_v == "hipa":
-                return submit_hipa(base_v, name_v, method_v, rank_v, alpha_v, options_v, steps_v, targets_v, pairs_v)
+                return submit_hipa(base_v, name_v, method_v, rank_v, alpha_v, rslora_v, options_v, steps_v, targets_v,
+                                   pairs_v)
             if source_v == "sample":
                 if sample_v not in samples:
                     raise ValueError("no sample subject is bundled yet: upload your own images instead")
@@ -442,13 +498,21 @@ def build(ctx) -> TrainTab:
                 "prior_preservation": bool(prior_v), "quiet": True,
             }
             if method_v != FULL:
-                config.update(rank=int(rank_v), alpha=float(alpha_v) if alpha_v else None,
+                config.update(rank=int(rank_v), alpha=float(alpha_v) if alpha_v else None, rslora=bool(rslora_v),
                               targets=str(targets_v or "attn").strip(), adapter_options=parse_options(options_v))
             if prior_v:
                 config.update(class_prompt=[line.strip() for line in str(class_prompt_v or "").splitlines() if line.strip()],
                               class_images=int(class_images_v))
             if ctx.device:
                 config["device"] = ctx.device
+            try:
+                text, fits = memory_line(memory_settings(base_v, method_v, rank_v, targets_v, options_v, batch_v,
+                                                         accum_v, precision_v, checkpointing_v, prior_v), ctx.device)
+            except Exception:  # noqa: BLE001 - the prediction only warns; the run reports its own errors
+                log.exception("memory prediction failed")
+                fits = True
+            if not fits:
+                gr.Warning(text.replace("**", "").lstrip("⚠ "))
             store = JobStore(ctx.home)
             new = store.submit(config, name=job_name)
             state = worker.ensure(store)
@@ -460,7 +524,7 @@ def build(ctx) -> TrainTab:
         choices = [(job_label(j), j.id) for j in reversed(store.list())]
         return gr.update(choices=choices, value=new.id), f"Queued job **#{new.id} {new.name}**.{where}{note}"
 
-    def submit_hipa(base_v, name_v, method_v, rank_v, alpha_v, options_v, steps_v, targets_v, pairs_v):
+    def submit_hipa(base_v, name_v, method_v, rank_v, alpha_v, rslora_v, options_v, steps_v, targets_v, pairs_v):
         """A HiPA job: HiPA's own training defaults (studio.hipa.hipa_config) under the few settings shown."""
         from studio.hipa import hipa_config
         from studio.jobs import JobStore
@@ -471,7 +535,8 @@ def build(ctx) -> TrainTab:
         job_name = str(name_v or "").strip() or f"one-step-{method_v}"
         library.check_name(job_name)
         settings = {"base": str(base_v or ctx.base).strip(), "method": method_v, "rank": int(rank_v),
-                    "alpha": float(alpha_v) if alpha_v else None, "targets": str(targets_v or "attn").strip(),
+                    "alpha": float(alpha_v) if alpha_v else None, "rslora": bool(rslora_v),
+                    "targets": str(targets_v or "attn").strip(),
                     "adapter_options": parse_options(options_v), "steps": int(steps_v), "quiet": True,
                     "objective_options": {"pairs": int(pairs_v)}}
         if ctx.device:
@@ -545,12 +610,16 @@ def build(ctx) -> TrainTab:
         return [out[k] for k in ("job", "table", "status", "bar", "loss", "previews", "log")] + [seen_v], added
 
     source.change(on_source, inputs=[source], outputs=[sample, upload], queue=False)
-    method.change(on_method, inputs=[method], outputs=[rank, alpha, options, targets], queue=False)
+    method.change(on_method, inputs=[method], outputs=[rank, alpha, rslora, options, targets], queue=False)
     kind.change(on_kind, inputs=[kind], outputs=[subject_box, hipa_box, repeats, steps], queue=False)
     plan_inputs = [kind, source, sample, upload, steps, repeats, batch, accum, pairs]
     for component in plan_inputs:
         component.change(on_plan, inputs=plan_inputs, outputs=[plan], queue=False)
-    form = [base, source, sample, upload, prompt, name, method, rank, alpha, options, steps, repeats, lr, batch, accum,
+    memory_inputs = [kind, base, method, rank, targets, options, batch, accum, precision, checkpointing, prior]
+    for component in memory_inputs:
+        component.change(on_memory, inputs=memory_inputs, outputs=[memory], trigger_mode="always_last",
+                         show_progress="hidden", concurrency_id="memory")
+    form = [base, source, sample, upload, prompt, name, method, rank, alpha, rslora, options, steps, repeats, lr, batch, accum,
             schedule, warmup, seed, targets, precision, validate_every, validation_steps, checkpoint_every,
             checkpointing, flip, prior, class_prompt, class_images, kind, pairs]
     start.click(submit, inputs=form, outputs=[job, submit_status], concurrency_id="jobs")
@@ -575,8 +644,9 @@ def build(ctx) -> TrainTab:
                    show_progress="hidden")
         demo.load(lambda j: poll(j, {}), inputs=[job], outputs=poll_outputs + lib.outputs, queue=False,
                   show_progress="hidden")
-        demo.load(on_method, inputs=[method], outputs=[rank, alpha, options, targets], queue=False)
+        demo.load(on_method, inputs=[method], outputs=[rank, alpha, rslora, options, targets], queue=False)
         demo.load(on_plan, inputs=plan_inputs, outputs=[plan], queue=False)
+        demo.load(on_memory, inputs=memory_inputs, outputs=[memory], show_progress="hidden", concurrency_id="memory")
 
         def startup():
             try:

@@ -90,16 +90,19 @@ def test_finished_jobs_join_the_library_once(tmp_path):
     assert info["name"] == "my-bag" and info["one_step"]  # hipa.json travels with the adapter
 
 
-def test_serve_options():
-    from studio.commands.serve import parse_auth
+def test_serve_options(monkeypatch):
+    from studio.commands.serve import parse_auth, server_port
     from studio.cli import build_parser
+
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "STUDIO_HOST", "STUDIO_PORT"):
+        monkeypatch.delenv(name, raising=False)
 
     assert parse_auth("ann:secret:x") == ("ann", "secret:x")
     assert parse_auth(None) is None
     with pytest.raises(ValueError, match="user:password"):
         parse_auth("nopassword")
     args = build_parser().parse_args(["serve"])
-    assert args.host == "127.0.0.1" and args.port == 7860
+    assert args.host == "127.0.0.1" and server_port(args.port) == 7860
 
 
 def test_page_builds_without_loading_models(tmp_path, tiny_sd_dir):
@@ -108,6 +111,8 @@ def test_page_builds_without_loading_models(tmp_path, tiny_sd_dir):
             "from studio.ui import build_app\n"
             f"demo = build_app(base={str(tiny_sd_dir)!r}, home={str(tmp_path)!r})\n"
             "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'the page loaded models'\n"
+            "ids = {getattr(b, 'elem_id', None) for b in demo.blocks.values()}\n"
+            "assert 'train-rslora' in ids, 'the Train tab cannot ask for the rsLoRA scale'\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

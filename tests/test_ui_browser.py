@@ -237,7 +237,7 @@ def test_train_stop_resume_then_generate_and_export(page, server, workspace, tmp
     stopped_at = int(__import__("re").search(r"step (\d+)/", status_text(page)).group(1))
     assert 2 <= stopped_at < 300
     page.locator("#train-resume").click()
-    wait_status(page, "done", timeout_s=300)
+    wait_status(page, "done", timeout_s=900)
     wait_status(page, "in the library as", timeout_s=30)
     assert page.locator("#train-loss canvas, #train-loss svg").count() >= 1
     log_text = page.locator("#train-log textarea").input_value()
@@ -272,6 +272,30 @@ def test_train_stop_resume_then_generate_and_export(page, server, workspace, tmp
     with safe_open(str(exported), framework="pt") as handle:
         assert any(k.endswith("lora_A.weight") for k in handle.keys())
     shot(page, "library")
+
+
+def test_the_shipped_dit_trains_in_the_browser(page, workspace, tmp_path):
+    """The Train tab on the embedded DiT (PixArt family): a short LoRA run ends in the library."""
+    from studio import library
+
+    open_tab(page, "Train")
+    page.locator("#train-start").wait_for()
+    page.locator("#train-base input").click()
+    page.get_by_role("option", name="embedded-dit").click()
+    if not library.sample_subjects():
+        page.locator("#train-source").get_by_text("My images (upload)").click()
+        page.locator("#train-upload input[type=file]").set_input_files([str(p) for p in subject_images(tmp_path / "up")])
+    page.locator("#train-name input, #train-name textarea").first.fill("bag-dit")
+    set_number(page, "train-steps", 6)
+    page.locator("#train-advanced").get_by_text("Advanced").click()
+    set_number(page, "train-validate-every", 0)
+    set_number(page, "train-validation-steps", 2)
+    page.wait_for_function("document.querySelector('#train-plan').innerText.includes('6 steps')")
+    page.locator("#train-start").click()
+    wait_status(page, "in the library as bag-dit", timeout_s=900)  # not the earlier job's status
+    assert (workspace / "adapters" / "bag-dit" / "adapter_model.safetensors").is_file()
+    config = __import__("json").loads((workspace / "adapters" / "bag-dit" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "embedded-dit" and config["model_class"] == "PixArtTransformer2DModel"
 
 
 def test_compare_grid(page, workspace):
