@@ -7,8 +7,9 @@ outputs, evaluated at a shifted time tau_i = t_{i-1} + rho_i (t_i - t_{i-1}). rh
 
 Ratios for a run of N steps come from, in order: `dc_ratios` (explicit, length N) -> `dc_table` (fitted
 ratios for exactly this (N, guidance)) -> `cpr_coeffs` (cascade polynomial regression) -> all ones.
-`studio dc-search` fits tables and CPR coefficients; `DCSolverScheduler.for_pipeline(pipe)` loads the
-ones shipped for the loaded model. A fitted file also records the (N, guidance) range its ratios were
+`studio dc-search` fits tables and CPR coefficients into the model's folder; `DCSolverScheduler.for_pipeline(pipe)`
+and `DCSolverScheduler.from_pretrained(model_folder, subfolder="scheduler")` load them (a scheduler with no fit
+says once that it is plain UniPC). A fitted file also records the (N, guidance) range its ratios were
 validated on (`dc_validated`): outside it, or where CPR was not validated, CPR is not used (ratios 1 =
 UniPC, with one warning), since its polynomials extrapolate into harm.
 
@@ -104,8 +105,36 @@ def load_fitted(path) -> dict:
     return out
 
 
+DC_KEYS = ("dc_ratios", "dc_table", "cpr_coeffs")  # a config holding any of these carries its own ratios
+
+
+def fit_in_folder(folder, subfolder=None, solver: str = "unipc"):
+    """The dc-search file of a model folder: beside the scheduler's config, else at the folder's top, where
+    `studio dc-search --base FOLDER` writes it (None when neither exists or the path is not a local folder)."""
+    root = Path(str(folder)).expanduser()
+    for place in ([root / subfolder] if subfolder else []) + [root]:
+        if (place / FITTED_FILES[solver]).is_file():
+            return place / FITTED_FILES[solver]
+    return None
+
+
 class DynamicCompensation:
     """Ratio bookkeeping and the Lagrange step shared by the UniPC and DPM-Solver++ variants."""
+
+    _solver = "unipc"  # which dc-search file (FITTED_FILES) belongs to this scheduler
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' from_pretrained, plus the model's fit: `from_pretrained(model_folder, subfolder="scheduler")`
+        on a folder `studio dc-search` fitted loads its ratios (a saved DC-Solver config keeps its own)."""
+        if not any(kwargs.get(k) is not None for k in DC_KEYS) and pretrained_model_name_or_path is not None:
+            path = fit_in_folder(pretrained_model_name_or_path, subfolder, cls._solver)
+            if path is not None:
+                config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder)
+                if not any(config.get(k) is not None for k in DC_KEYS) and fits(path, config):
+                    kwargs = {**load_fitted(path), **kwargs}
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                       return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _check_dc_config(self):
         if self.config.dc_order < 1:
@@ -156,7 +185,14 @@ class DynamicCompensation:
         self.compensation_ratios = self.resolve_ratios(steps, guidance)
         self.ratio_source = self._source(steps, guidance)
         self._dc_history = []
-        if self.ratio_source == "unvalidated" and not self._warned_range:
+        if self.ratio_source == "ones" and not any(self.config.get(k) is not None for k in DC_KEYS):
+            if not self._warned_range:
+                self._warned_range = True
+                logger.warning("DC-Solver has no fitted ratios for this model, so it samples exactly as UniPC. Load "
+                               "the model's fit with %s.for_pipeline(pipe) or .from_pretrained(model_folder, "
+                               "subfolder=\"scheduler\"), or fit one with `studio dc-search --base MODEL`.",
+                               type(self).__name__)
+        elif self.ratio_source == "unvalidated" and not self._warned_range:
             self._warned_range = True
             validated = self.config.dc_validated
             cfg = "unknown CFG" if guidance is None else f"CFG {guidance:g}"
@@ -268,6 +304,8 @@ class DCSolverScheduler(DynamicCompensation, UniPCMultistepScheduler):
 
 class DCDPMSolverScheduler(DynamicCompensation, DPMSolverMultistepScheduler):
     """DPM-Solver++ (multistep, data prediction) with dynamic compensation of the newest data prediction."""
+
+    _solver = "dpm++"
 
     @register_to_config
     def __init__(

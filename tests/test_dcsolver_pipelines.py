@@ -83,12 +83,44 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
             assert pipe.scheduler.config.guidance_scale == guidance
             assert pipe.scheduler.compensation_ratios == next(e["ratios"] for e in data["table"]
                                                               if e["steps"] == 5 and e["guidance"] == guidance)
+        # the diffusers way: the scheduler folder of the model, the fit found beside it
+        loaded = DCSolverScheduler.from_pretrained(tiny_pixart_dir, subfolder="scheduler", guidance_scale=2.0)
+        loaded.set_timesteps(5)
+        assert loaded.config.dc_order == order and loaded.ratio_source == "table"
+        assert loaded.compensation_ratios == scheduler.compensation_ratios
         # far outside the fit (CFG 7.5): plain UniPC, not an extrapolated CPR
         outside = DCSolverScheduler.for_pipeline(pipe, guidance_scale=7.5)
         outside.set_timesteps(5)
         assert outside.compensation_ratios == [1.0] * 5 and outside.ratio_source == "unvalidated"
     finally:
         (tiny_pixart_dir / "dc_solver.json").unlink()
+
+
+def test_shipped_fit_travels_with_the_folder_and_no_fit_says_so(tmp_path, caplog):
+    """from_pretrained(model_folder, subfolder="scheduler") finds the folder's dc_solver.json; a saved DC-Solver
+    config keeps its own ratios; a folder without a fit gives UniPC's samples and one warning saying so."""
+    import logging
+
+    from pipelines.assets import assets_dir
+    from pipelines.dcsolver import load_fitted
+
+    folder = assets_dir() / "embedded"
+    shipped = load_fitted(folder / "dc_solver.json")
+    scheduler = DCSolverScheduler.from_pretrained(folder, subfolder="scheduler")
+    assert scheduler.config.dc_table == shipped["dc_table"] and scheduler.config.dc_order == shipped["dc_order"]
+    scheduler.set_timesteps(5, guidance_scale=3.0)
+    assert scheduler.ratio_source == "table" and scheduler.compensation_ratios != [1.0] * 5
+    scheduler.save_pretrained(tmp_path / "saved")  # the fit is in the config: it travels with a saved pipeline
+    again = DCSolverScheduler.from_pretrained(tmp_path / "saved")
+    assert again.config.dc_table == shipped["dc_table"]
+    UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler").save_pretrained(tmp_path / "plain")
+    with caplog.at_level(logging.WARNING, logger="pipelines.dcsolver"):
+        plain = DCSolverScheduler.from_pretrained(tmp_path / "plain")
+        for _ in range(3):
+            plain.set_timesteps(5)
+    assert plain.compensation_ratios == [1.0] * 5 and plain.ratio_source == "ones"
+    warnings = [r.getMessage() for r in caplog.records if "no fitted ratios" in r.getMessage()]
+    assert len(warnings) == 1 and "studio dc-search" in warnings[0]
 
 
 def test_dc_search_rejects_bad_input_with_one_line(capsys):
