@@ -342,44 +342,23 @@ def validated_range(steps_list, guidances, checks) -> dict:
 
 
 def pipeline_denoiser(pipe, prompts, guidance: float, negative: str = ""):
-    """denoise(x, t) -> the pipeline's guided model output for these prompts (one per sample)."""
-    cfg = guidance > 1.0
+    """denoise(x, t) -> the pipeline's guided model output for these prompts (one per sample), through the family
+    layer: the same conditioning and model call the family's own pipeline uses."""
+    from pipelines.families import family_of
+
+    family = family_of(pipe)
+    if family.flow:
+        raise ValueError(f"DC-Solver's ratio search needs a noise-prediction (ε or v) model; {family.label} samples "
+                         "by flow matching")
     device = pipe.device
-    if getattr(pipe, "unet", None) is not None:
-        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, cfg, [negative] * len(prompts))
-        model = pipe.unet
-
-        def call(x, t, emb):
-            return model(x, t, encoder_hidden_states=emb).sample
-        embeds = torch.cat([uncond, cond]) if cfg else cond
-        extra = None
-    elif type(pipe).__name__.startswith("PixArt"):
-        from pipelines.text2image import family_kwargs
-
-        kw = family_kwargs(pipe)
-        pe, pm, npe, npm = pipe.encode_prompt(list(prompts), cfg, negative_prompt=negative, device=device,
-                                              clean_caption=False, max_sequence_length=kw["max_sequence_length"])
-        model = pipe.transformer
-        embeds = torch.cat([npe, pe]) if cfg else pe
-        extra = torch.cat([npm, pm]) if cfg else pm
-
-        def call(x, t, emb):
-            return model(x, encoder_hidden_states=emb, encoder_attention_mask=extra, timestep=t.expand(x.shape[0]),
-                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-    else:
-        raise ValueError(f"the ratio search drives UNet and PixArt-style pipelines, not {type(pipe).__name__}")
-    channels = int(model.config.in_channels)
+    size = family.native_size()
+    cond = family.sized(family.encode_text(list(prompts), device), size, size)
+    uncond = family.sized(family.encode_negative([negative] * len(prompts), device), size, size) if guidance > 1 else None
 
     @torch.no_grad()
     def denoise(x, t):
-        t = torch.as_tensor(t, device=device)
-        x_in = torch.cat([x, x]) if cfg else x
-        out = call(x_in.to(device=device, dtype=model.dtype), t, embeds)
-        out = out[:, :channels].to(x.dtype).to(x.device)  # drop a learned-variance half
-        if cfg:
-            uncond_out, cond_out = out.chunk(2)
-            out = uncond_out + guidance * (cond_out - uncond_out)
-        return out
+        out = family.sampling_output(x.to(device), torch.as_tensor(t, device=device), cond, uncond, guidance)
+        return out.to(x.dtype).to(x.device)
 
     return denoise
 
@@ -388,9 +367,11 @@ def pipeline_noise(pipe, seeds):
     """The initial latents the pipeline itself would draw for these seeds (one CPU generator per image)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    model = getattr(pipe, "unet", None) or pipe.transformer
-    size = int(model.config.sample_size)
-    shape = (len(seeds), int(model.config.in_channels), size, size)
+    from pipelines.families import family_of
+
+    family = family_of(pipe)
+    size = family.native_size()
+    shape = (len(seeds), *family.latent_shape(size, size))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     return randn_tensor(shape, generator=generators, dtype=torch.float32)
 

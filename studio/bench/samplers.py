@@ -53,13 +53,11 @@ def _scheduler(pipe, name, guidance, overrides):
 
 
 def _decode(pipe, latents):
-    """Final latents -> images (B, 3, H, W) in [0, 1]."""
+    """Final latents -> images (B, 3, H, W) in [0, 1], decoded as the model's family does."""
+    from pipelines.families import family_of
+
     with torch.no_grad():
-        vae = getattr(pipe, "vae", None)
-        if vae is None:
-            return (latents / 2 + 0.5).clamp(0, 1)
-        scaled = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        images = vae.decode(scaled.to(device=vae.device, dtype=vae.dtype)).sample
+        images = family_of(pipe).decode_latents(latents)
     return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
 
 
