@@ -390,7 +390,10 @@ def use_adapter(pipe, adapter, weight: float = 1.0):
     if loaded is not None:
         adapters.remove_adapter(model, ADAPTER_NAME)
         model._hipa_adapter = None
-    adapters.load_adapter(model, path, name=ADAPTER_NAME, weight=float(weight))
+    from pipelines.loading import inside_lora_layers
+
+    # inside the layers a LoRA file loaded by diffusers wrapped (PEFT), where those exist
+    adapters.load_adapter(model, path, name=ADAPTER_NAME, weight=float(weight), paths=inside_lora_layers(model))
     model._hipa_adapter = (path, float(weight))
 
 

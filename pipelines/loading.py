@@ -3,6 +3,7 @@ import functools
 import inspect
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -189,3 +190,24 @@ def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "
     pipe.studio_defaults = json.loads(defaults.read_text()) if defaults is not None and defaults.is_file() else {}
     set_attention(pipe, attention)
     return pipe
+
+
+def inside_lora_layers(model):
+    """None where no layer of `model` is wrapped by PEFT (diffusers' LoRA loading), else a function from a layer's
+    path to where it lives now: `<path>.base_layer` inside the wrapper (also for a path through one)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:  # peft never imported: nothing can be wrapped
+        return None
+    wrapped = {name for name, module in model.named_modules() if isinstance(module, tuners.BaseTunerLayer)}
+    if not wrapped:
+        return None
+
+    def inside(path: str) -> str:
+        parts = []
+        for part in path.split("."):
+            parts.append(part)
+            if ".".join(parts) in wrapped:
+                parts.append("base_layer")
+        return ".".join(parts)
+
+    return inside

@@ -54,6 +54,8 @@ def apply_adapters(pipe, adapters=None) -> list:
     import adapters as adapter_lib
 
     from pipelines.families import family_of
+    from pipelines.hipa import drop_adapter
+    from pipelines.loading import inside_lora_layers
     from studio.library import WEIGHTS_NAME, lora_file
 
     model = family_of(pipe).denoiser
@@ -79,6 +81,7 @@ def apply_adapters(pipe, adapters=None) -> list:
         for name in adapter_lib.list_adapters(model):
             if name.startswith(ADAPTER_PREFIX):
                 adapter_lib.remove_adapter(model, name)
+        drop_adapter(pipe)  # a HiPA adapter too: one_step attaches it again, inside the new wrappers
         stale = [name for name in loaded if name not in files_wanted]
         if stale:
             pipe.delete_adapters(stale)
@@ -93,7 +96,7 @@ def apply_adapters(pipe, adapters=None) -> list:
     for name in attached:
         if name.startswith(ADAPTER_PREFIX) and name not in studio_wanted:
             adapter_lib.remove_adapter(model, name)
-    inside = _inside_lora_layers(model)
+    inside = inside_lora_layers(model)
     for name, (folder, weight) in studio_wanted.items():
         if name in attached:
             adapter_lib.set_weights(model, {name: weight})
@@ -107,27 +110,6 @@ def _loaded_lora_files(pipe) -> list:
     if not hasattr(pipe, "get_list_adapters"):
         return []
     return sorted({n for names in pipe.get_list_adapters().values() for n in names if n.startswith(LORA_PREFIX)})
-
-
-def _inside_lora_layers(model):
-    """None where no layer of `model` is wrapped by PEFT (diffusers' LoRA loading), else a function from a layer's
-    path to where it lives now: `<path>.base_layer` inside the wrapper (also for a path through one)."""
-    tuners = sys.modules.get("peft.tuners.tuners_utils")
-    if tuners is None:  # peft never imported: nothing can be wrapped
-        return None
-    wrapped = {name for name, module in model.named_modules() if isinstance(module, tuners.BaseTunerLayer)}
-    if not wrapped:
-        return None
-
-    def inside(path: str) -> str:
-        parts = []
-        for part in path.split("."):
-            parts.append(part)
-            if ".".join(parts) in wrapped:
-                parts.append("base_layer")
-        return ".".join(parts)
-
-    return inside
 
 
 def _lora_layers(module, name: str) -> int:

@@ -294,3 +294,38 @@ def test_library_tab_imports_a_file(folders, tmp_path):
     assert "Imported **ink**" in status and "kohya/A1111 LoCon" in status
     assert [row[:2] for row in table] == [["ink", "lora (kohya file)"]]
     assert picker["value"] == "ink"
+
+
+def test_one_step_with_a_lora_file_equals_the_lora_merged_into_the_base(tmp_path):
+    """HiPA's adapter goes inside the layers diffusers wrapped for a LoRA file (it used to be refused as 'made for a
+    different architecture'); the result equals one step on the base with that LoRA fused into its weights."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from pipelines import load_pipeline, one_step
+    from pipelines.assets import assets_dir
+    from studio.generate import apply_adapters
+
+    hipa = str(assets_dir() / "hipa")
+    maker = load_pipeline("embedded", device="cpu")
+    maker.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights="gaussian"))
+    _randomise_b(maker.unet, 0)
+    type(maker).save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(maker.unet))
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+
+    def draw(pipe):
+        return one_step(pipe, ["a photo of a coat", "a photo of a dress"], adapter=hipa, output_type="np",
+                        generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+
+    pipe = load_pipeline("embedded", device="cpu")
+    apply_adapters(pipe, [(file, 1.0)])
+    ours = draw(pipe)
+    fused = load_pipeline("embedded", device="cpu")
+    fused.load_lora_weights(str(tmp_path), weight_name=file.name, adapter_name="x")
+    fused.fuse_lora()
+    fused.unload_lora_weights()
+    plain = load_pipeline("embedded", device="cpu")
+    assert np.abs(ours - draw(fused)).max() < 1e-4 and np.abs(ours - draw(plain)).max() > 1e-3
+    apply_adapters(pipe, [])  # the file comes off; HiPA is attached again on the plain layers
+    assert np.abs(draw(pipe) - draw(plain)).max() < 1e-5
