@@ -178,7 +178,7 @@ def default_timestep(scheduler, min_signal: float = MIN_SIGNAL) -> int:
 def prediction_to_x0(prediction, sample, alpha_bar, prediction_type: str):
     """Data prediction from a model output at a VP timestep with ᾱ = alpha_bar (the same conversion
     DiffuseHigh's structure guidance uses)."""
-    from pipelines.diffusehigh import predicted_x0
+    from pipelines.diffuse_high import predicted_x0
 
     alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
     return predicted_x0(prediction, sample, ("vp", alpha, sigma), prediction_type)

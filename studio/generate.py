@@ -208,7 +208,7 @@ def run_generate(settings, base="embedded", out=None, device=None, dtype=None, a
         settings.extra.setdefault("Adapters", ", ".join(f"{Path(f).name}:{float(w):g}" for f, w in adapters))
     apply_adapters(pipe, adapters)
     if settings.extra.get("Hires"):  # DiffuseHigh: progressive upscaling from the native size
-        from pipelines.diffusehigh import generate_hires
+        from pipelines.diffuse_high import generate_hires
         images = generate_hires(pipe, settings, settings.extra["Hires"], preview=preview, stop=stop)
     elif settings.extra.get("One-step"):  # HiPA: one denoiser call per image with the adapter
         from pipelines.hipa import drop_adapter, one_step

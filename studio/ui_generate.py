@@ -79,7 +79,7 @@ def parse_request(ctx, prompt, negative, seed, steps, guidance, width, height, s
             raise ValueError("generating with adapters is not available in this build yet")
         kwargs["adapters"] = chosen
     if hires and hires != "off":
-        if not _available("pipelines.diffusehigh"):
+        if not _available("pipelines.diffuse_high"):
             raise ValueError("hi-res generation (DiffuseHigh) is not available in this build yet")
         settings.extra["Hires"] = HIRES_SCALES[hires]
     if one_step:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.diffusehigh import (StructureGuidance, diffusehigh, noise_level, output_for_x0, parse_scales,
+from pipelines.diffuse_high import (StructureGuidance, diffusehigh, noise_level, output_for_x0, parse_scales,
                                    sharpen)
 from pipelines.dwt import dwt2
 from pipelines.image_metrics import hf_energy_ratio, low_band_psnr
@@ -173,7 +173,7 @@ def test_edited_x0_is_what_the_scheduler_itself_sees(name, prediction_type):
 def test_guided_steps_carry_the_reference_low_band(pixel_pipe, monkeypatch):
     """Pixel space + Haar: at each guided step the scheduler's own x̂0 has exactly the reference's low band;
     after the guided steps it is free again."""
-    import pipelines.diffusehigh as dh
+    import pipelines.diffuse_high as dh
 
     references, seen = [], []
 
@@ -239,7 +239,7 @@ def test_dit_family_progressive_non_square_and_deterministic(pixart_pipe):
 
 
 def test_vae_tiling_is_on_only_above_native_size(pixart_pipe, monkeypatch):
-    from pipelines.diffusehigh import MIN_VAE_TILE
+    from pipelines.diffuse_high import MIN_VAE_TILE
 
     vae = pixart_pipe.vae
     decode, seen = vae.decode, []
@@ -402,7 +402,7 @@ def test_guidance_steps_are_a_fraction_of_each_stage(pixel_pipe, monkeypatch, ca
     counted, logged and returned per stage."""
     import logging
 
-    import pipelines.diffusehigh as dh
+    import pipelines.diffuse_high as dh
 
     calls = []
 
@@ -426,7 +426,7 @@ def test_guidance_steps_are_a_fraction_of_each_stage(pixel_pipe, monkeypatch, ca
 @pytest.mark.parametrize("fraction, steps, guided", [(1 / 3, 15, 5), (1 / 3, 7, 2), (0.5, 7, 4), (0.01, 7, 1),
                                                      (0.0, 7, 0), (1.0, 7, 7), (1 / 3, 1, 1)])
 def test_guided_count_rounds_half_up_and_keeps_one_step(fraction, steps, guided):
-    from pipelines.diffusehigh import guided_count
+    from pipelines.diffuse_high import guided_count
 
     assert guided_count(fraction, steps) == guided
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipelines import load_pipeline
-from pipelines.diffusehigh import diffusehigh  # `from pipelines import diffusehigh` may be the submodule by now
+from pipelines.diffuse_high import diffusehigh  # `from pipelines import diffusehigh` may be the submodule by now
 from pipelines.hipa import one_step
 from pipelines.text2image import generate, seeded_generators
 from pipelines.families import family_of
@@ -255,3 +255,13 @@ def test_prompt_lists_order_images_as_diffusers(model):
         second = call(pipe, prompts[1], num_inference_steps=1 if call is one_step else 2, num_images_per_prompt=2,
                       generator=seeded_generators(6, 2), output_type="np", **extra).images
         assert both.shape[0] == 4 and _close(both[2:], second), call.__name__
+
+
+def test_the_exported_functions_are_not_shadowed_by_their_modules():
+    """`from pipelines import diffusehigh` is the function even after its module was imported (it used to share
+    the module's name, which the import system then put on the package)."""
+    import pipelines.diffuse_high  # noqa: F401
+    import pipelines.hipa  # noqa: F401
+    from pipelines import diffusehigh, one_step
+
+    assert callable(diffusehigh) and callable(one_step)

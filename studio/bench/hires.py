@@ -38,7 +38,7 @@ def write_grid(path, columns: dict, classes: list):
     """columns: name -> list (one per class) of (3, H, W) tensors in [0, 1]; labels on top."""
     from PIL import Image, ImageDraw
 
-    from pipelines.diffusehigh import _to_pil
+    from pipelines.diffuse_high import _to_pil
 
     size = max(max(t.shape[-1] for t in cells) for cells in columns.values())
     label_h, pad = 14, 2
@@ -59,7 +59,7 @@ def write_grid(path, columns: dict, classes: list):
 
 def run(args):
     from pipelines import load_pipeline
-    from pipelines.diffusehigh import diffusehigh, parse_scales
+    from pipelines.diffuse_high import diffusehigh, parse_scales
     from pipelines.image_metrics import hf_energy_ratio, low_band_psnr, resize
     from pipelines.text2image import GenerationSettings, generate_from, native_size, seeded_generators
     from studio.evaluate import default_sampling, load_evaluator
