@@ -50,10 +50,20 @@ CUDA_RESERVE, CUDA_SLACK = 1 * GIB, 0.05
 # fraction studio.bench.gpu uses on random-init UNets).
 SARA_ASSUMED_FRACTION = 0.058
 EXACT_FRACTION_LIMIT = 1 << 26  # targeted scalars up to which a fraction's θ is found over the weights in memory
-ENCODE_CHUNK = 16  # SubjectObjective._encode: images through the VAE at once
 TYPICAL_IMAGES = 5  # subject images assumed when --images is not given
 LOWER_RESOLUTIONS = (7 / 8, 3 / 4, 5 / 8, 1 / 2)  # lower buckets, as fractions of the asked resolution
 PROMPT = "a"  # every family pads prompts to its maximum length; a short one never truncates
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def encode_chunk() -> int:
+    """Images the training loop encodes at once while preparing (studio.train.ENCODE_CHUNK)."""
+    from studio.train import ENCODE_CHUNK
+
+    return ENCODE_CHUNK
 
 
 def parse_size(text) -> int:
@@ -584,7 +594,7 @@ class Planner:
             if size not in self._encode:  # the subject images through the VAE, the prompt through the encoders
                 self._encode[size] = max(
                     _pass_peak(lambda: family.encode_images(
-                        torch.zeros(min(self.images, ENCODE_CHUNK), 3, size, size)), vae),
+                        torch.zeros(min(self.images, encode_chunk()), 3, size, size)), vae),
                     _pass_peak(lambda: family.encode_text([PROMPT], "cpu"), *family.text_encoders()))
             run["encode"] = self._encode[size]
             with torch.no_grad():  # as the loop encodes: once, outside the graph
@@ -673,7 +683,7 @@ class Planner:
                     "gradient_checkpointing": config.gradient_checkpointing, "optimizer": config.optimizer}
         phase_parts = {
             "prepare": {"the whole pipeline in fp32": run["pipeline"],
-                        f"encoding ({min(self.images, ENCODE_CHUNK)} images at once)": run["encode"]},
+                        f"encoding ({_count(min(self.images, encode_chunk()), 'image')} at once)": run["encode"]},
             "step": {"the denoiser's training step": denoiser_step, "other components on the device": stays},
             "validation": {"the training state": resident - (run["gradients"] if accumulating else 0),
                            "text encoders and VAE back": run["others"], "sampling": run["sample"]}}

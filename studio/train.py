@@ -59,6 +59,10 @@ log = logging.getLogger("studio.train")
 FULL = "full"  # full fine-tuning of the denoiser: the upper reference, no adapter
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit")
+# Images through the VAE encoder at once while a run prepares. One at a time: at 1024 px the encoder's
+# activations are ~2.5 GB per image, which made preparing, not training, the peak of a run (studio plan);
+# encoding happens once per run, so the lost batching costs seconds.
+ENCODE_CHUNK = 1
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
 RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
@@ -662,7 +666,7 @@ class SubjectObjective(Objective):
         return {**data.report(), **class_report, "size": size, "plan": self._plan.to_dict(), "family": family.name,
                 "objective": self.objective.prediction}
 
-    def _encode(self, run, pixels, chunk=16):
+    def _encode(self, run, pixels, chunk=ENCODE_CHUNK):
         return torch.cat([run.family.encode_images(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).cpu()
 
     def _text(self, run, prompts):
