@@ -104,7 +104,9 @@ def test_sharpening_off_is_identity_and_constants_stay_constant():
     assert torch.equal(sharpen(x, 0.0), x)
     constant = torch.full((1, 3, 8, 8), 0.3)
     assert torch.allclose(sharpen(constant, 1.0, generator=torch.Generator().manual_seed(0)), constant, atol=1e-6)
-    assert not torch.allclose(sharpen(x, 1.0), x)
+    # a blur that blurs (sigma 1): near sigma 0.1 the 3x3 kernel is the identity to ~1e-22, so an unseeded draw
+    # from the global RNG made this pass or fail by test order
+    assert not torch.allclose(sharpen(x, 1.0, sigma_range=(1.0, 1.0)), x)
 
 
 @pytest.mark.parametrize("wavelet", ["haar", "db4"])
