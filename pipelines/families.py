@@ -133,6 +133,13 @@ class FlowObjective:
 
 # ------------------------------------------------------------------------------------------------ families
 
+def vae_scale_shift(vae) -> tuple:
+    """(scaling factor, shift factor) of an autoencoder: denoiser latents = (VAE latents - shift) * scale.
+    The family layer's rule, also for code that has a VAE but no pipeline yet (studio pretrain)."""
+    config = vae.config
+    return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+
+
 def _is(module, class_name: str) -> bool:
     """isinstance against a diffusers model class: parametrized modules (SaRA on every tensor) are subclasses
     named Parametrized..., so the class name alone does not identify them."""
@@ -194,8 +201,7 @@ class Family:
 
     # --- latents
     def _vae_scale_shift(self):
-        config = self.pipe.vae.config
-        return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+        return vae_scale_shift(self.pipe.vae)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> the denoiser's latents (the distribution's mode: deterministic, cacheable)."""

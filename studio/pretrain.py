@@ -308,6 +308,8 @@ class LatentData:
     def __init__(self, vae_dir, device, data_dir=None, limit=None):
         from diffusers import AutoencoderKL
 
+        from pipelines.families import vae_scale_shift
+
         vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
         pixels = Data(device, data_dir=data_dir, limit=limit)
         means, stds = [], []
@@ -316,7 +318,7 @@ class LatentData:
                 dist = vae.encode(pixels.pixels(torch.arange(i, min(i + 1000, len(pixels))))).latent_dist
                 means.append(dist.mean)
                 stds.append(dist.std)
-        self.scale = float(vae.config.scaling_factor)
+        self.scale, self.shift = vae_scale_shift(vae)
         self.mean, self.std = torch.cat(means), torch.cat(stds)
         self.labels = pixels.labels
         self.device = device
@@ -327,7 +329,7 @@ class LatentData:
     def batch(self, index, generator):
         index = index.to(self.device)
         eps = torch.randn(self.mean[index].shape, generator=generator).to(self.device)
-        return (self.mean[index] + self.std[index] * eps) * self.scale, self.labels[index]
+        return (self.mean[index] + self.std[index] * eps - self.shift) * self.scale, self.labels[index]
 
 
 def _diffusion_loss(latents: LatentData, text: dict, family: str, recipe: Recipe):
