@@ -17,6 +17,8 @@ log = logging.getLogger("studio.data")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"
+# A loss mask beside an image: IMG.mask.png, or OneTrainer's IMG-masklabel.png (white = train on it).
+MASK_ENDINGS = (".mask.png", "-masklabel.png")
 # Refuse to decode anything bigger (a 20000x20000 "image" is a decompression bomb, not a subject photo).
 MAX_PIXELS = 40_000_000
 
@@ -26,17 +28,20 @@ class Example:
     path: str
     caption: str
     pixels: np.ndarray  # float32 (3, size, size) in [-1, 1]
+    mask: np.ndarray = None  # float32 (size, size) in [0, 1] (masked loss), cropped as the pixels are
 
 
 @dataclass
 class SubjectData:
     examples: list
     skipped: list = field(default_factory=list)  # [(file name, reason)]
+    masks: dict = field(default_factory=dict)  # image name -> where its loss mask came from
 
     def report(self) -> dict:
         return {"used": [Path(e.path).name for e in self.examples],
                 "captions": {Path(e.path).name: e.caption for e in self.examples},
-                "skipped": [{"file": f, "reason": r} for f, r in self.skipped]}
+                "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+                **({"masks": self.masks} if self.masks else {})}
 
 
 def to_rgb(image):
@@ -101,6 +106,48 @@ def load_image(path, size: int) -> np.ndarray:
     return (array.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
 
 
+def mask_file(image_path: Path):
+    """The same-name mask file beside an image (MASK_ENDINGS), or None."""
+    for ending in MASK_ENDINGS:
+        candidate = image_path.with_name(image_path.stem + ending)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_mask_file(path: Path) -> bool:
+    """A file named as the mask of another image in the same folder (never a subject image itself)."""
+    name = path.name.lower()
+    for ending in MASK_ENDINGS:
+        if name.endswith(ending):
+            stem = path.name[:-len(ending)]
+            return any(path.with_name(stem + s).exists() or path.with_name(stem + s.upper()).exists()
+                       for s in IMAGE_SUFFIXES)
+    return False
+
+
+def load_mask(image_path, size: int):
+    """The loss mask of an image as float32 (size, size) in [0, 1], resized and cropped exactly as load_image
+    crops the pixels: its mask file's grey values, else its alpha channel. (None, "none") where it has neither,
+    else (mask, where it came from). An all-black mask is a ValueError: nothing of the image would train."""
+    from PIL import Image
+
+    image_path = Path(image_path)
+    source = mask_file(image_path)
+    if source is not None:
+        with Image.open(source) as image:
+            grey, origin = image.convert("L"), source.name
+    else:
+        with Image.open(image_path) as image:
+            if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+                return None, "none"
+            grey, origin = image.convert("RGBA").getchannel("A"), "alpha channel"
+    mask = np.asarray(square(grey, size), dtype=np.float32) / 255.0
+    if not mask.any():
+        raise ValueError(f"its mask ({origin}) is all black: nothing of the image would train")
+    return mask, origin
+
+
 def read_caption(image_path: Path):
     """The same-name .txt beside an image, or None."""
     caption_path = image_path.with_suffix(CAPTION_SUFFIX)
@@ -110,16 +157,18 @@ def read_caption(image_path: Path):
     return None
 
 
-def load_subject(folder, size: int, prompt=None) -> SubjectData:
-    """Read a subject folder. Each image's caption is its .txt file, else `prompt` (the instance prompt)."""
+def load_subject(folder, size: int, prompt=None, masks: bool = False) -> SubjectData:
+    """Read a subject folder. Each image's caption is its .txt file, else `prompt` (the instance prompt).
+    masks: also read each image's loss mask (load_mask; an image with none trains everywhere). Mask files are
+    never subject images."""
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise FileNotFoundError(f"image folder not found: {folder}")
     if not folder.is_dir():
         raise NotADirectoryError(f"--images must be a folder of images, got a file: {folder}")
-    examples, skipped = [], []
+    examples, skipped, found = [], [], {}
     for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
-        if path.is_dir():
+        if path.is_dir() or is_mask_file(path):
             continue
         if path.suffix.lower() == CAPTION_SUFFIX:
             if not any(path.with_suffix(s).exists() or path.with_suffix(s.upper()).exists() for s in IMAGE_SUFFIXES):
@@ -137,7 +186,15 @@ def load_subject(folder, size: int, prompt=None) -> SubjectData:
         if not caption:
             skipped.append((path.name, "no caption: add a .txt file or give --prompt"))
             continue
-        examples.append(Example(str(path), caption, pixels))
+        mask = None
+        if masks:
+            try:
+                mask, origin = load_mask(path, size)
+            except ValueError as exc:
+                skipped.append((path.name, str(exc)))
+                continue
+            found[path.name] = origin
+        examples.append(Example(str(path), caption, pixels, mask))
     for name, reason in skipped:
         log.warning("skipped %s: %s", name, reason)
     if not examples:
@@ -146,7 +203,7 @@ def load_subject(folder, size: int, prompt=None) -> SubjectData:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
         more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
         raise ValueError(f"no usable images in {folder}: {reasons}{more}")
-    return SubjectData(examples, skipped)
+    return SubjectData(examples, skipped, found)
 
 
 @dataclass

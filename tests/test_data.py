@@ -2,6 +2,7 @@
 (or, when nothing is usable, one clear error); the step/epoch arithmetic and the data order are exact."""
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,37 @@ def test_data_order_is_a_pure_function_of_the_step():
         assert sorted(whole[epoch * 7:(epoch + 1) * 7]) == list(range(7))  # each epoch a permutation
     assert example_indices(3, 7, 9, 5) == whole[9:14]  # any slice recomputes without state
     assert example_indices(4, 7, 0, 21) != whole
+
+
+def test_masks_come_from_a_mask_file_or_the_alpha_channel_cropped_like_the_pixels(tmp_path):
+    from studio.data import load_mask, square
+
+    wide = _noise(size=(48, 32))
+    alpha = Image.new("L", (48, 32), 0)
+    alpha.paste(255, (20, 0, 48, 32))  # the right part is the subject
+    cutout = wide.convert("RGBA")
+    cutout.putalpha(alpha)
+    cutout.save(tmp_path / "cutout.png")
+    _noise(seed=1).save(tmp_path / "photo.png")
+    drawn = Image.new("L", (32, 32), 0)
+    drawn.paste(255, (0, 0, 16, 32))
+    drawn.save(tmp_path / "photo.mask.png")
+    _noise(seed=2).save(tmp_path / "plain.png")
+    Image.new("L", (32, 32), 0).save(tmp_path / "dark-masklabel.png")
+    _noise(seed=3).save(tmp_path / "dark.png")
+
+    data = load_subject(tmp_path, 16, prompt="a photo of sks bag", masks=True)
+    by_name = {Path(e.path).name: e for e in data.examples}
+    assert sorted(by_name) == ["cutout.png", "photo.png", "plain.png"]  # mask files are never subject images
+    expected = np.asarray(square(alpha, 16), dtype=np.float32) / 255  # the same resize and centre crop
+    np.testing.assert_array_equal(by_name["cutout.png"].mask, expected)
+    assert by_name["cutout.png"].mask[:, :4].max() < 0.1 and by_name["cutout.png"].mask[:, -4:].min() > 0.9
+    assert by_name["photo.png"].mask[:, :7].min() > 0.9 and by_name["photo.png"].mask[:, 9:].max() < 0.1
+    assert by_name["plain.png"].mask is None  # neither: trains everywhere
+    assert "all black" in dict(data.skipped)["dark.png"]
+    assert data.report()["masks"] == {"cutout.png": "alpha channel", "photo.png": "photo.mask.png", "plain.png": "none"}
+    assert load_mask(tmp_path / "plain.png", 16) == (None, "none")
+    # without --masked-loss the same folder trains on the composited pixels and ignores the mask files
+    plain = load_subject(tmp_path, 16, prompt="p")
+    assert sorted(Path(e.path).name for e in plain.examples) == ["cutout.png", "dark.png", "photo.png", "plain.png"]
+    assert all(e.mask is None for e in plain.examples)

@@ -326,3 +326,47 @@ def test_weight_decay_spares_tensors_whose_neutral_value_is_not_zero(method, kep
         elif old.any():
             assert not torch.equal(p, old), key  # everything else decays as before
     assert not kept or any(key.startswith(kept) for key, _ in named)
+
+
+def test_masked_loss_counts_only_what_the_masks_keep(tiny_sd_dir, make_subject, tmp_path, monkeypatch):
+    """--masked-loss: each image's mask, pooled onto the latent grid, weights its loss (a mean over what it keeps);
+    a prediction wrong only where every mask is black has zero loss. Images without a mask and the class rows of
+    prior preservation train everywhere; masked_mean against a dense recomputation."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from pipelines import load_pipeline
+    from studio.train import Run, SubjectObjective, make_accelerator, masked_mean
+
+    errors, weights = torch.rand(3, 4, 5, 6), torch.rand(3, 1, 5, 6)
+    dense = [sum(float(errors[b, c, i, j] * weights[b, 0, i, j]) for c in range(4) for i in range(5) for j in range(6))
+             / (4 * float(weights[b].sum())) for b in range(3)]
+    torch.testing.assert_close(masked_mean(errors, weights), torch.tensor(dense), rtol=1e-5, atol=0)
+
+    folder = make_subject(3, seed=4, size=(32, 32))
+    top_black = Image.new("L", (32, 32), 255)
+    top_black.paste(0, (0, 0, 32, 16))
+    for name in ("0", "1"):
+        top_black.save(folder / f"{name}.mask.png")  # image 2 has no mask: it trains everywhere
+    config = TrainConfig.from_dict(_config(tiny_sd_dir, folder, tmp_path / "run", masked_loss=True, flip=True,
+                                           batch_size=3))
+    pipe = load_pipeline(str(tiny_sd_dir), device="cpu")
+    run = Run(config, None, make_accelerator(config), pipe, lambda text: None)
+    objective = SubjectObjective()
+    report = objective.prepare(run)
+    assert report["masks"] == {"0.png": "0.mask.png", "1.png": "1.mask.png", "2.png": "none"}
+    pixels = torch.ones(3, 1, 32, 32)
+    pixels[:2, :, :16] = 0
+    assert torch.equal(objective.masks, F.interpolate(pixels, size=objective.latents.shape[-2:], mode="area"))
+
+    h = objective.latents.shape[-2]
+    wrong_on_top = torch.zeros(objective.latents.shape[1:])
+    wrong_on_top[:, : h // 2] = 7.0
+    monkeypatch.setattr(objective.objective, "target", lambda latents, noise, t: torch.zeros_like(latents))
+    monkeypatch.setattr(run.family, "predict", lambda noisy, t, cond, denoiser=None: wrong_on_top.expand_as(noisy))
+    monkeypatch.setattr("studio.data.example_indices", lambda seed, count, start, batch: [0, 1, 0])
+    loss, _ = objective.loss(run, 0, 0)
+    assert float(loss) == 0.0  # every error sits where the masks are black (flips keep a top/bottom mask)
+    monkeypatch.setattr("studio.data.example_indices", lambda seed, count, start, batch: [0, 1, 2])
+    loss, _ = objective.loss(run, 0, 0)
+    assert float(loss) == pytest.approx(49 / 2 / 3)  # image 2 trains everywhere: half its cells are off by 7
