@@ -52,6 +52,7 @@ SARA_ASSUMED_FRACTION = 0.058
 EXACT_FRACTION_LIMIT = 1 << 26  # targeted scalars up to which a fraction's θ is found over the weights in memory
 TYPICAL_IMAGES = 5  # subject images assumed when --images is not given
 LOWER_RESOLUTIONS = (7 / 8, 3 / 4, 5 / 8, 1 / 2)  # lower buckets, as fractions of the asked resolution
+OPTIMIZER_STATE = {"adamw": "AdamW: 2 moments", "adamw8bit": "8-bit AdamW", "prodigy": "Prodigy: 2 moments, s, x0"}
 PROMPT = "a"  # every family pads prompts to its maximum length; a short one never truncates
 
 
@@ -658,6 +659,8 @@ class Planner:
         run = self._fake_run(config)
         eight_bit = config.optimizer == "adamw8bit"
         state = run["bnb"] if eight_bit else run["adamw"]
+        if config.optimizer == "prodigy":  # AdamW's two moments plus its s and x0: two more fp32 copies
+            state += 2 * run["trainable"]
         # bitsandbytes updates in place: its update phase holds what is alive when it starts
         extra = max(run["forward"], run["clip"], run["before_update"] if eight_bit else run["update"])
         accumulating = config.grad_accum > 1
@@ -669,7 +672,7 @@ class Planner:
                  "trainable parameters (fp32)": run["trainable"],
                  "adapter buffers": run["adapter"],
                  "gradients": run["gradients"],
-                 f"optimizer state ({'8-bit AdamW' if eight_bit else 'AdamW: 2 moments'})": state,
+                 f"optimizer state ({OPTIMIZER_STATE[config.optimizer]})": state,
                  "activations and temporaries at the peak": extra - (0 if accumulating else run["gradients"]),
                  ("VAE decoder (stays on the device)" if self.device == "cuda" else "text encoders + VAE"): stays}
         notes = list(run["notes"])

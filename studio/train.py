@@ -58,7 +58,8 @@ log = logging.getLogger("studio.train")
 
 FULL = "full"  # full fine-tuning of the denoiser: the upper reference, no adapter
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+PRODIGY_LR = 1.0  # Prodigy finds its own step size; lr multiplies it (its authors' and diffusers' scripts' 1.0)
 # Images through the VAE encoder at once while a run prepares. One at a time: at 1024 px the encoder's
 # activations are ~2.5 GB per image, which made preparing, not training, the peak of a run (studio plan);
 # encoding happens once per run, so the lost batching costs seconds.
@@ -97,7 +98,8 @@ class TrainConfig:
     lr: float = _f(1e-4, "learning rate")
     lr_scheduler: str = _f("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULES)}")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
-    optimizer: str = _f("adamw", "adamw, or adamw8bit (needs bitsandbytes)")
+    optimizer: str = _f("adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; it finds its "
+                                 "own step size: --lr is a multiplier, 1.0 unless given)")
     weight_decay: float = _f(1e-2, "AdamW weight decay (not on tensors whose neutral value is not zero: TLoRA "
                                    "transforms, DoRA magnitudes, LoLDU scalars)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
@@ -159,6 +161,8 @@ class TrainConfig:
                     data[f.name] = float(data[f.name])
                 except ValueError:
                     pass  # validate() names the field
+        if data.get("optimizer") == "prodigy" and data.get("lr") is None:
+            data["lr"] = PRODIGY_LR  # AdamW's 1e-4 would shrink Prodigy's own step size 10,000 times
         config = cls(**data)
         config.validate()
         return config
@@ -191,7 +195,10 @@ class TrainConfig:
         if self.lr_scheduler not in LR_SCHEDULES:
             raise ValueError(f"unknown lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose adamw or adamw8bit")
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            raise ValueError(f"with --optimizer prodigy, --lr multiplies the step size Prodigy finds itself: use about "
+                             f"{PRODIGY_LR:g} (or leave it out), not {self.lr:g}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"unknown mixed-precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
         from pipelines.loading import ATTENTION_BACKENDS
@@ -807,6 +814,14 @@ def make_optimizer(config: TrainConfig, groups):
         except ImportError:
             raise ValueError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw") from None
         return bnb.optim.AdamW8bit(groups, lr=config.lr)
+    if config.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ValueError("--optimizer prodigy needs prodigyopt (pip install prodigyopt); use adamw") from None
+        # As diffusers' training scripts set it: decoupled decay, bias correction, and no step-size growth
+        # before the warm-up is over.
+        return Prodigy(groups, lr=config.lr, decouple=True, use_bias_correction=True, safeguard_warmup=True)
     return torch.optim.AdamW(groups, lr=config.lr)
 
 

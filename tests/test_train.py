@@ -370,3 +370,32 @@ def test_masked_loss_counts_only_what_the_masks_keep(tiny_sd_dir, make_subject, 
     monkeypatch.setattr("studio.data.example_indices", lambda seed, count, start, batch: [0, 1, 2])
     loss, _ = objective.loss(run, 0, 0)
     assert float(loss) == pytest.approx(49 / 2 / 3)  # image 2 trains everywhere: half its cells are off by 7
+
+
+def test_prodigy_takes_its_own_step_size_and_resumes_bitwise(tiny_sd_dir, subject, tmp_path):
+    """--optimizer prodigy: lr defaults to Prodigy's multiplier 1.0 (AdamW's 1e-4 is refused: it would shrink the
+    step size Prodigy finds 10,000 times); it trains, and a stopped run resumes to the same adapter."""
+    pytest.importorskip("prodigyopt")
+    assert TrainConfig.from_dict({"optimizer": "prodigy", "out": "x"}).lr == 1.0
+    assert TrainConfig.from_dict({"optimizer": "prodigy", "lr": 0.5, "out": "x"}).lr == 0.5
+    with pytest.raises(ValueError, match="prodigy.*use about 1"):
+        TrainConfig.from_dict({"optimizer": "prodigy", "lr": 1e-4, "out": "x"})
+    settings = _config(tiny_sd_dir, subject, tmp_path / "whole", optimizer="prodigy", steps=6)
+    del settings["lr"]
+    train(settings)
+    assert all(np.isfinite(loss) for _, loss in _losses(tmp_path / "whole"))
+    part = {**settings, "out": str(tmp_path / "part")}
+    calls = []
+    train(part, stop=lambda: len(calls) > 2 or calls.append(1))
+    assert run_status(tmp_path / "part")["state"] == "stopped"
+    train({**part, "resume": True})
+    _same(_adapter(tmp_path / "whole"), _adapter(tmp_path / "part"))
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+
+def test_an_optimizer_package_that_is_missing_is_one_line(tiny_sd_dir, subject, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed
+    code = main(["train", "--base", str(tiny_sd_dir), "--images", str(subject), "--prompt", "a photo of sks bag",
+                 "--optimizer", "prodigy", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install prodigyopt" in err
