@@ -65,9 +65,10 @@ PRODIGY_LR = 1.0  # Prodigy finds its own step size; lr multiplies it (its autho
 # encoding happens once per run, so the lost batching costs seconds.
 ENCODE_CHUNK = 1
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+TRACKERS = {"none": None, "tensorboard": "tensorboard (or tensorboardX)", "wandb": "wandb"}  # --report-to: what it needs
 # Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
 RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
-               "attention", "channels_last", "tf32", "cpu_threads",
+               "attention", "channels_last", "tf32", "cpu_threads", "report_to",
                "validation_prompts", "validation_seeds", "validation_steps", "validation_guidance"}
 
 
@@ -125,6 +126,8 @@ class TrainConfig:
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
     class_sampling_steps: int = _f(25, "sampling steps for generating class images")
     class_cache: str = _f(None, "folder that caches class images (default: RUN_DIR/class_images)")
+    report_to: str = _f("none", "also log the losses through accelerate's trackers: tensorboard (into RUN_DIR/logs) or "
+                                "wandb, where that package is installed; none")
     seed: int = _f(0, "seed for initialisation, data order, noise and timesteps")
     validate_every: int = _f(100, "write validation samples every N steps (0 = only step 0 and the end)")
     validation_prompts: list = _fl([], "prompts for validation samples (default: the instance prompt)")
@@ -199,6 +202,8 @@ class TrainConfig:
         if self.optimizer == "prodigy" and self.lr < 0.1:
             raise ValueError(f"with --optimizer prodigy, --lr multiplies the step size Prodigy finds itself: use about "
                              f"{PRODIGY_LR:g} (or leave it out), not {self.lr:g}")
+        if self.report_to not in TRACKERS:
+            raise ValueError(f"unknown report-to {self.report_to!r}: choose one of {', '.join(TRACKERS)}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"unknown mixed-precision {self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}")
         from pipelines.loading import ATTENTION_BACKENDS
@@ -803,7 +808,27 @@ def make_accelerator(config: TrainConfig):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if cpu and precision == "fp16":
         raise ValueError("fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no")
-    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
+    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
+                       **tracking(config))
+
+
+def tracking(config: TrainConfig) -> dict:
+    """The Accelerator arguments for --report-to (nothing for none); a missing package is a one-line error."""
+    if config.report_to == "none":
+        return {}
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[config.report_to]():
+        raise ValueError(f"--report-to {config.report_to} needs {TRACKERS[config.report_to]} "
+                         f"(pip install {config.report_to}); or leave --report-to out")
+    out = Path(config.out or ".")
+    return {"log_with": config.report_to,
+            "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))}
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """The run's settings as trackers take hyper-parameters (numbers, strings and booleans)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in asdict(config).items()}
 
 
 def make_optimizer(config: TrainConfig, groups):
@@ -1008,6 +1033,8 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
             f"device {accelerator.device}")
         emit({"type": "plan", "text": plan.describe() if plan else "", "start": start, "steps": config.steps, **info})
         folder.write_status(state="running", step=start, steps=config.steps, pid=os.getpid())
+    if config.report_to != "none":
+        accelerator.init_trackers("studio", config=tracker_config(config))
     accelerator.wait_for_everyone()
 
     if start == 0:
@@ -1023,6 +1050,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                 folder.write_status(state="stopped", step=step, steps=config.steps)
                 emit({"type": "stopped", "step": step})
                 say(f"stopped at step {step}; continue with --resume")
+            accelerator.end_training()
             return folder.path
         tick = time.time()
         lr = schedule.get_last_lr()[0]  # the rate this step's update uses
@@ -1076,6 +1104,9 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                       "elapsed": round(time.time() - run_started, 3),
                       "peak_mem_mb": round(peak_memory_mb(accelerator.device), 1), **extra}
             log_file.append(record)
+            if config.report_to != "none":
+                accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                                step=step)
             bar.update(loss_value, lr)
             emit({"type": "step", "steps": config.steps, **record})
         if step == config.steps or (config.validate_every and step % config.validate_every == 0):
@@ -1098,6 +1129,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                             trainable_params=trainable.num_trainable(), result_bytes=trainable.adapter_bytes(result))
         emit({"type": "done", "step": step, "result": str(result)})
         say(f"done: {result}")
+    accelerator.end_training()
     accelerator.wait_for_everyone()
     return folder.path
 

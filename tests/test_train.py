@@ -399,3 +399,37 @@ def test_an_optimizer_package_that_is_missing_is_one_line(tiny_sd_dir, subject, 
                  "--optimizer", "prodigy", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install prodigyopt" in err
+
+
+def _tensorboard_scalars(folder: Path) -> dict:
+    """{tag: {step: value}} from the event files under folder (TFRecord framing, tensorboardX's Event proto)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_report_to_tensorboard_logs_the_losses_and_a_missing_tracker_is_one_line(tiny_sd_dir, subject, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """--report-to tensorboard: accelerate's tracker writes the losses of log.jsonl into RUN_DIR/logs; without the
+    package it is one line before anything runs."""
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "run"
+    train(_config(tiny_sd_dir, subject, out, steps=3, report_to="tensorboard"))
+    logged = _tensorboard_scalars(out / "logs")
+    assert logged["loss"] == pytest.approx(dict(_losses(out)), rel=1e-6) and set(logged["lr"]) == {1, 2, 3}
+    monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
+    code = main(["train", "--base", str(tiny_sd_dir), "--images", str(subject), "--prompt", "a photo of sks bag",
+                 "--report-to", "tensorboard", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install tensorboard" in err
