@@ -69,7 +69,8 @@ TRACKERS = {"none": None, "tensorboard": "tensorboard (or tensorboardX)", "wandb
 # Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
 RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
                "attention", "channels_last", "tf32", "cpu_threads", "report_to",
-               "validation_prompts", "validation_seeds", "validation_steps", "validation_guidance"}
+               "validation_prompts", "validation_prompts_file", "validation_seeds", "validation_steps",
+               "validation_guidance"}
 
 
 def _f(default, help_text, **extra):
@@ -131,6 +132,7 @@ class TrainConfig:
     seed: int = _f(0, "seed for initialisation, data order, noise and timesteps")
     validate_every: int = _f(100, "write validation samples every N steps (0 = only step 0 and the end)")
     validation_prompts: list = _fl([], "prompts for validation samples (default: the instance prompt)")
+    validation_prompts_file: str = _f(None, "a text file of validation prompts, one per line (after --validation-prompts)")
     validation_seeds: list = _fl([0, 1], "fixed seeds for validation samples", item=int)
     validation_steps: int = _f(20, "sampling steps for validation samples")
     validation_guidance: float = _f(2.0, "guidance scale for validation samples")
@@ -202,6 +204,8 @@ class TrainConfig:
         if self.optimizer == "prodigy" and self.lr < 0.1:
             raise ValueError(f"with --optimizer prodigy, --lr multiplies the step size Prodigy finds itself: use about "
                              f"{PRODIGY_LR:g} (or leave it out), not {self.lr:g}")
+        if self.validation_prompts_file and not Path(self.validation_prompts_file).expanduser().is_file():
+            raise FileNotFoundError(f"validation prompts file not found: {self.validation_prompts_file}")
         if self.report_to not in TRACKERS:
             raise ValueError(f"unknown report-to {self.report_to!r}: choose one of {', '.join(TRACKERS)}")
         if self.mixed_precision not in PRECISIONS:
@@ -1149,6 +1153,28 @@ def _should_stop(stop, accelerator) -> bool:
 
 
 @torch.no_grad()
+def validation_prompts(config: TrainConfig) -> list:
+    """--validation-prompts, then the lines of --validation-prompts-file; the instance prompt when both are empty."""
+    prompts = list(config.validation_prompts)
+    if config.validation_prompts_file:
+        path = Path(config.validation_prompts_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"validation prompts file not found: {path}")
+        prompts += [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return prompts or [config.prompt or ""]
+
+
+def _sample_grid(path: Path, rows: list, seeds, prompts) -> str:
+    """One image per validation round: a row per prompt, a column per seed (step 0 is the base model)."""
+    from studio.compare import make_grid
+    from studio.files import atomic_path
+
+    grid = make_grid(rows, [f"seed {s}" for s in seeds], [p if len(p) <= 32 else p[:29] + "..." for p in prompts])
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return str(path)
+
+
 def _validate(run, trainable, ema, step, emit):
     """Samples on fixed seeds; global RNG untouched so validation never changes the training result."""
     config, accelerator = run.config, run.accelerator
@@ -1160,16 +1186,17 @@ def _validate(run, trainable, ema, step, emit):
     from pipelines.text2image import GenerationSettings, generate_from
     from studio.images import save_png
 
-    prompts = config.validation_prompts or [config.prompt or ""]
+    prompts = validation_prompts(config)
     if ema is not None:
         ema.swap()
     run.family.denoiser.eval()
     run.park_encoders(False)
-    paths = []
+    paths, rows = [], []
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), accelerator.autocast():  # a half base with fp32 adapters
         state = (random.getstate(), np.random.get_state())
         for p_index, prompt in enumerate(prompts):
+            rows.append([])
             for seed in config.validation_seeds:
                 settings = GenerationSettings(prompt=prompt, steps=config.validation_steps,
                                               guidance=config.validation_guidance, seed=int(seed),
@@ -1179,14 +1206,16 @@ def _validate(run, trainable, ema, step, emit):
                 path = run.folder.samples / f"step-{step:06d}" / f"p{p_index}-seed{seed}.png"
                 save_png(image, path, replace(settings))
                 paths.append(str(path))
+                rows[-1].append(image)
         random.setstate(state[0])
         np.random.set_state(state[1])
     run.park_encoders(True)
     run.family.denoiser.train()
     if ema is not None:
         ema.swap()
-    JsonlLog(run.folder.log).append({"step": step, "event": "samples", "paths": paths})
-    emit({"type": "samples", "step": step, "paths": paths, "prompts": prompts})
+    grid = _sample_grid(run.folder.samples / f"step-{step:06d}.png", rows, config.validation_seeds, prompts)
+    JsonlLog(run.folder.log).append({"step": step, "event": "samples", "paths": paths, "grid": grid})
+    emit({"type": "samples", "step": step, "paths": paths, "prompts": prompts, "grid": grid})
     accelerator.wait_for_everyone()
 
 

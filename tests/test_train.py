@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from studio.cli import main
@@ -107,7 +108,10 @@ def test_sigkill_then_resume_is_bitwise_identical(base, subject, tmp_path, reque
 def test_run_folder_has_config_log_samples_checkpoints_and_adapter(tiny_sd_dir, subject, tmp_path):
     out = tmp_path / "run"
     events = []
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks bag on a beach\n\n")
     train(_config(tiny_sd_dir, subject, out, steps=4, validate_every=2, validation_seeds=[0, 1], validation_steps=2,
+                  validation_prompts=["a photo of sks bag"], validation_prompts_file=str(prompts),
                   checkpoint_every=1, keep_checkpoints=2), progress=events.append)
     import yaml
 
@@ -116,8 +120,14 @@ def test_run_folder_has_config_log_samples_checkpoints_and_adapter(tiny_sd_dir, 
     steps = [r for r in read_jsonl(out / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"loss", "lr", "seconds", "elapsed", "peak_mem_mb"} <= set(r) for r in steps)
-    for step in (0, 2, 4):  # step 0 is the base model's baseline
-        assert sorted(p.name for p in (out / "samples" / f"step-{step:06d}").iterdir()) == ["p0-seed0.png", "p0-seed1.png"]
+    for step in (0, 2, 4):  # step 0 is the base model's baseline; a prompt per row, a seed per column, one grid
+        folder = out / "samples" / f"step-{step:06d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["p0-seed0.png", "p0-seed1.png", "p1-seed0.png", "p1-seed1.png"]
+        grid = Image.open(out / "samples" / f"step-{step:06d}.png")
+        cell = np.asarray(Image.open(folder / "p1-seed1.png").convert("RGB"))
+        scale = grid.height // 2 // cell.shape[0]  # below a label strip, two rows of cells (small ones enlarged)
+        corner = np.asarray(grid.convert("RGB"))[-scale * cell.shape[0]:, -scale * cell.shape[1]:][::scale, ::scale]
+        assert np.array_equal(corner, cell)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003", "step-000004"]  # rotation
     data = json.loads((out / "data.json").read_text())
     assert data["plan"]["steps_per_epoch"] == 3 and data["trainable_params"] > 0
