@@ -830,6 +830,13 @@ def tracking(config: TrainConfig) -> dict:
             "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))}
 
 
+def _finish_trackers(accelerator):
+    """Flush and close --report-to's trackers (main process). Not accelerator.end_training(): that also tears
+    down the process group, which the run's last barrier still needs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def tracker_config(config: TrainConfig) -> dict:
     """The run's settings as trackers take hyper-parameters (numbers, strings and booleans)."""
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in asdict(config).items()}
@@ -1054,7 +1061,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                 folder.write_status(state="stopped", step=step, steps=config.steps)
                 emit({"type": "stopped", "step": step})
                 say(f"stopped at step {step}; continue with --resume")
-            accelerator.end_training()
+                _finish_trackers(accelerator)
             return folder.path
         tick = time.time()
         lr = schedule.get_last_lr()[0]  # the rate this step's update uses
@@ -1133,7 +1140,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                             trainable_params=trainable.num_trainable(), result_bytes=trainable.adapter_bytes(result))
         emit({"type": "done", "step": step, "result": str(result)})
         say(f"done: {result}")
-    accelerator.end_training()
+        _finish_trackers(accelerator)
     accelerator.wait_for_everyone()
     return folder.path
 

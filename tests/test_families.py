@@ -173,7 +173,8 @@ def test_the_command_line_generates_and_trains_every_family(folders, subject, tm
                  "--method", "lora", "--steps", "2", "--resolution", "32", "--validate-every", "0",
                  "--validation-steps", "2", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000", "step-000002"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000", "step-000000.png", "step-000002",
+                                                                   "step-000002.png"]  # each round, and its grid
 
 
 @pytest.mark.parametrize("name, method", [("pixart", "loldu"), ("flux", "tlora"), ("sd3", "full")])
