@@ -116,10 +116,10 @@ def mask_file(image_path: Path):
 
 
 def is_mask_file(path: Path) -> bool:
-    """A file named as the mask of another image in the same folder (never a subject image itself)."""
-    name = path.name.lower()
+    """A file named as the mask of another image in the same folder (never a subject image itself). Names match
+    as mask_file looks them up (case-sensitively)."""
     for ending in MASK_ENDINGS:
-        if name.endswith(ending):
+        if path.name.endswith(ending):
             stem = path.name[:-len(ending)]
             return any(path.with_name(stem + s).exists() or path.with_name(stem + s.upper()).exists()
                        for s in IMAGE_SUFFIXES)

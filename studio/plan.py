@@ -498,11 +498,9 @@ class Planner:
         return "bf16" if self.device == "cuda" else "no"  # what make_accelerator picks (bf16-capable GPUs)
 
     def _size(self, family, config) -> int:
-        size = int(config.resolution or family.native_size())
-        if size % family.size_multiple():
-            raise ValueError(f"resolution {size} is not a multiple of {family.size_multiple()} (this model's latent "
-                             f"and patch size); pick e.g. {size - size % family.size_multiple()}")
-        return size
+        from studio.train import training_size
+
+        return training_size(family, config.resolution)
 
     def _selection(self, config, denoiser):
         """The config to build (SaRA: its selection planned, not searched on fake weights), the planned entries per
@@ -952,6 +950,6 @@ def subject_images(folder):
     """How many subject images a folder holds (None without one): what the prepare phase encodes."""
     if not folder or not Path(folder).is_dir():
         return None
-    from studio.data import IMAGE_SUFFIXES
+    from studio.data import IMAGE_SUFFIXES, is_mask_file
 
-    return sum(1 for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) or None
+    return sum(1 for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)) or None

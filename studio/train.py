@@ -631,6 +631,16 @@ class Objective:
         pass
 
 
+def training_size(family, resolution=None) -> int:
+    """The square size a run trains at: --resolution, else the model's native size; a multiple of its latent and
+    patch size, or a one-line error that names one."""
+    size = int(resolution or family.native_size())
+    if size % family.size_multiple():
+        raise ValueError(f"resolution {size} is not a multiple of {family.size_multiple()} (this model's latent "
+                         f"and patch size); pick e.g. {size - size % family.size_multiple()}")
+    return size
+
+
 def masked_mean(errors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-example weighted mean of B x C x h x w errors under B x 1 x h x w weights: a masked image's loss is
     the mean over what its mask keeps, so a small subject is not learned more weakly than a large one."""
@@ -651,10 +661,7 @@ class SubjectObjective(Objective):
         cfg, pipe, family = run.config, run.pipe, run.family
         if not cfg.images:
             raise ValueError("name the subject's image folder with --images DIR")
-        size = int(cfg.resolution or family.native_size())
-        if size % family.size_multiple():
-            raise ValueError(f"resolution {size} is not a multiple of {family.size_multiple()} (this model's latent "
-                             f"and patch size); pick e.g. {size - size % family.size_multiple()}")
+        size = training_size(family, cfg.resolution)
         data = load_subject(cfg.images, size, cfg.prompt, masks=cfg.masked_loss)
         self.size = size
         pixels = torch.from_numpy(np.stack([e.pixels for e in data.examples]))
@@ -1132,7 +1139,8 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
         if ema is not None:
             ema.swap()
         trainable.save_result(result, config.base)
-        write_model_card(result, config, folder.path)
+        # the card names each sample by the prompts validation used (a --validation-prompts-file's lines too)
+        write_model_card(result, {**asdict(config), "validation_prompts": validation_prompts(config)}, folder.path)
         if ema is not None:
             ema.swap()
         total = time.time() - run_started
@@ -1159,15 +1167,12 @@ def _should_stop(stop, accelerator) -> bool:
     return flag
 
 
-@torch.no_grad()
 def validation_prompts(config: TrainConfig) -> list:
     """--validation-prompts, then the lines of --validation-prompts-file; the instance prompt when both are empty."""
     prompts = list(config.validation_prompts)
     if config.validation_prompts_file:
-        path = Path(config.validation_prompts_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"validation prompts file not found: {path}")
-        prompts += [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        text = Path(config.validation_prompts_file).expanduser().read_text(errors="replace")  # validate() checked it
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     return prompts or [config.prompt or ""]
 
 
@@ -1182,6 +1187,7 @@ def _sample_grid(path: Path, rows: list, seeds, prompts) -> str:
     return str(path)
 
 
+@torch.no_grad()
 def _validate(run, trainable, ema, step, emit):
     """Samples on fixed seeds; global RNG untouched so validation never changes the training result."""
     config, accelerator = run.config, run.accelerator

@@ -52,7 +52,7 @@ _LIBRARIES = threading.Lock()
 
 
 def load_libraries():
-    """Import diffusers, transformers and peft once, one handler at a time. The page's handlers run on several
+    """Import diffusers and transformers once, one handler at a time. The page's handlers run on several
     threads (the model lane, the memory line); two threads importing these packages' lazy modules together can
     deadlock in Python's import machinery, which then hands one of them a half-initialised module
     ("cannot import name 'AutoModel' from 'transformers'")."""

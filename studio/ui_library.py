@@ -81,7 +81,6 @@ def build(ctx, pickers) -> LibraryTab:
         try:
             if not file:
                 raise ValueError("choose a .safetensors LoRA file to import")
-            load_libraries()
             path = library.import_lora(getattr(file, "name", file), name=str(name or "").strip() or None, home=ctx.home)
         except Exception as exc:  # noqa: BLE001
             raise_for_ui(exc)

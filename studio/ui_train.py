@@ -99,34 +99,33 @@ def plan_text(images: int, steps, repeats, batch, accum) -> str:
     return "**What these steps mean:**\n\n" + "\n".join(f"- {line}" for line in plan.describe().splitlines())
 
 
-_MEMORY = {}  # memory lines by settings: the change handler and Start share them
+_PLANS = {}  # (planner, prediction) by settings and device kind: the change handler and Start share them
 
 
 def memory_line(settings: dict, device=None) -> tuple:
     """(markdown, fits) for a subject job's settings: the peak memory studio.plan predicts (one training step on
     fake tensors: nothing is loaded or allocated) against the device the worker trains on, and when it does not
-    fit, the fastest memory savers that would."""
-    import json
-
+    fit, the fastest memory savers that would. The prediction is cached; the memory it is held against is read
+    each time (on a CPU, the RAM available now)."""
     from studio.plan import Planner, device_memory, format_size
     from studio.train import TrainConfig
 
     load_libraries()
     kind, total = device_memory(device)
     key = json.dumps([settings, kind], sort_keys=True, default=str)
-    if key not in _MEMORY:
+    if key not in _PLANS:
         config = TrainConfig.from_dict({**settings, "out": "placeholder"})
         planner = Planner(config.base, device=kind)
-        prediction = planner.predict(config)
-        fits = prediction.peak <= planner.usable(total)
-        text = (f"**Memory:** predicted peak {format_size(prediction.peak)} ({prediction.bottleneck}) of "
-                f"{format_size(total)} on {kind}")
-        if not fits:
-            found = planner.search(config, total, limit=1).fits
-            text = (f"⚠ {text}: this run would run out of memory; "
-                    + (f"it fits with {found[0].describe()}." if found else "no memory saver makes it fit."))
-        _MEMORY[key] = (text, fits)
-    return _MEMORY[key]
+        _PLANS[key] = (planner, config, planner.predict(config))
+    planner, config, prediction = _PLANS[key]
+    fits = prediction.peak <= planner.usable(total)
+    text = (f"**Memory:** predicted peak {format_size(prediction.peak)} ({prediction.bottleneck}) of "
+            f"{format_size(total)} on {kind}")
+    if not fits:
+        found = planner.search(config, total, limit=1).fits  # the planner keeps its fake runs: no step twice
+        text = (f"⚠ {text}: this run would run out of memory; "
+                + (f"it fits with {found[0].describe()}." if found else "no memory saver makes it fit."))
+    return text, fits
 
 
 def memory_settings(base, method, rank, targets, options, batch, accum, precision, checkpointing, prior) -> dict:
@@ -455,7 +454,7 @@ def build(ctx) -> TrainTab:
         if kind_v == "hipa":
             return "**Memory:** predicted for subject training (a HiPA run trains on its own teacher pairs)."
         try:
-            return memory_line(memory_settings(*fields), ctx.device)[0]
+            return memory_line(memory_settings(fields[0] or ctx.base, *fields[1:]), ctx.device)[0]
         except Exception as exc:  # noqa: BLE001 - a half-typed form: say so beside Start, never fail the page
             return f"**Memory:** not predicted ({first_line(exc)})"
 
@@ -506,7 +505,7 @@ def build(ctx) -> TrainTab:
             if ctx.device:
                 config["device"] = ctx.device
             try:
-                text, fits = memory_line(memory_settings(base_v, method_v, rank_v, targets_v, options_v, batch_v,
+                text, fits = memory_line(memory_settings(base_v or ctx.base, method_v, rank_v, targets_v, options_v, batch_v,
                                                          accum_v, precision_v, checkpointing_v, prior_v), ctx.device)
             except Exception:  # noqa: BLE001 - the prediction only warns; the run reports its own errors
                 log.exception("memory prediction failed")

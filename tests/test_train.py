@@ -128,6 +128,7 @@ def test_run_folder_has_config_log_samples_checkpoints_and_adapter(tiny_sd_dir, 
         scale = grid.height // 2 // cell.shape[0]  # below a label strip, two rows of cells (small ones enlarged)
         corner = np.asarray(grid.convert("RGB"))[-scale * cell.shape[0]:, -scale * cell.shape[1]:][::scale, ::scale]
         assert np.array_equal(corner, cell)
+    assert "a photo of sks bag on a beach" in (out / "adapter" / "README.md").read_text()  # the card names p1 too
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003", "step-000004"]  # rotation
     data = json.loads((out / "data.json").read_text())
     assert data["plan"]["steps_per_epoch"] == 3 and data["trainable_params"] > 0
