@@ -380,7 +380,8 @@ class DCDPMSolverScheduler(DynamicCompensation, DPMSolverMultistepScheduler):
 def fitted_for(pipe, solver: str = "unipc", guidance_scale=None) -> dict:
     """Config overrides with the ratios shipped for the pipeline's model (empty when none were fitted)."""
     source = getattr(pipe, "source", None)
-    path = fitted_file(source, solver) if source else None
+    # the file from_pretrained finds too: beside the scheduler config, else at the model folder's top
+    path = fit_in_folder(fitted_file(source, solver).parent, "scheduler", solver) if source else None
     out = load_fitted(path) if path is not None and fits(path, pipe.scheduler.config) else {}
     if guidance_scale is not None:
         out["guidance_scale"] = float(guidance_scale)

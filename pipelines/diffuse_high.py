@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.dwt import WAVELETS, dwt2, idwt2
-from pipelines.families import family_of, take
+from pipelines.families import family_of, output_for_x0, predicted_x0, take
 from pipelines.text2image import (apply_model_defaults, check_call, family_pipeline_base, make_scheduler,
                                   model_defaults, seeded_generators, step_callback)
 
@@ -231,31 +231,6 @@ def noise_level(scheduler, index: int, t):
         return "vp", alpha, s * alpha
     abar = float(scheduler.alphas_cumprod[int(t)])
     return "vp", math.sqrt(abar), math.sqrt(1.0 - abar)
-
-
-def predicted_x0(output, x_in, level, prediction_type):
-    kind, alpha, sigma = level
-    if kind == "flow":
-        return x_in - sigma * output
-    if prediction_type == "epsilon":
-        return (x_in - sigma * output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * x_in - sigma * output
-    if prediction_type == "sample":
-        return output
-    raise ValueError(f"unknown prediction type '{prediction_type}': expected epsilon, v_prediction or sample")
-
-
-def output_for_x0(x0, x_in, level, prediction_type):
-    """The model output under which the scheduler's own formulas recover exactly this x̂0."""
-    kind, alpha, sigma = level
-    if kind == "flow":
-        return (x_in - x0) / sigma
-    if prediction_type == "epsilon":
-        return (x_in - alpha * x0) / sigma
-    if prediction_type == "v_prediction":
-        return (alpha * x_in - x0) / sigma
-    return x0
 
 
 # ---------------------------------------------------------------------------------------- the sampler

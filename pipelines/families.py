@@ -49,6 +49,35 @@ def where(mask: torch.Tensor, other: dict, cond: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------ x̂0 from a model output
+# One conversion for training objectives, DiffuseHigh's structure guidance and HiPA's student.
+
+def predicted_x0(output, x_in, level, prediction_type):
+    """x̂0 from a model output at noise level `level` = (kind, α, σ): "vp" (x = αx0 + σε) or "flow" (x = (1-σ)x0 + σε)."""
+    kind, alpha, sigma = level
+    if kind == "flow":
+        return x_in - sigma * output
+    if prediction_type == "epsilon":
+        return (x_in - sigma * output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_in - sigma * output
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"unknown prediction type '{prediction_type}': expected epsilon, v_prediction or sample")
+
+
+def output_for_x0(x0, x_in, level, prediction_type):
+    """The model output under which the scheduler's own formulas recover exactly this x̂0."""
+    kind, alpha, sigma = level
+    if kind == "flow":
+        return (x_in - x0) / sigma
+    if prediction_type == "epsilon":
+        return (x_in - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        return (alpha * x_in - x0) / sigma
+    return x0
+
+
 # ------------------------------------------------------------------------------------- training objectives
 
 class NoiseObjective:
@@ -84,10 +113,7 @@ class NoiseObjective:
 
     def x0(self, output, noisy, timesteps):
         abar = self.scheduler.alphas_cumprod.to(noisy.device)[timesteps].reshape(-1, 1, 1, 1).float()
-        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        if self.prediction == "epsilon":
-            return (noisy - sigma * output) / alpha
-        return alpha * noisy - sigma * output
+        return predicted_x0(output, noisy, ("vp", abar.sqrt(), (1 - abar).sqrt()), self.prediction)
 
 
 class FlowObjective:
@@ -128,7 +154,7 @@ class FlowObjective:
         return compute_loss_weighting_for_sd3(self.weighting, timesteps.float() / self.num_train_timesteps)
 
     def x0(self, output, noisy, timesteps):
-        return noisy - self.sigmas(timesteps, noisy) * output
+        return predicted_x0(output, noisy, ("flow", None, self.sigmas(timesteps, noisy)), None)
 
 
 # ------------------------------------------------------------------------------------------------ families

@@ -178,7 +178,7 @@ def default_timestep(scheduler, min_signal: float = MIN_SIGNAL) -> int:
 def prediction_to_x0(prediction, sample, alpha_bar, prediction_type: str):
     """Data prediction from a model output at a VP timestep with ᾱ = alpha_bar (the same conversion
     DiffuseHigh's structure guidance uses)."""
-    from pipelines.diffuse_high import predicted_x0
+    from pipelines.families import predicted_x0
 
     alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
     return predicted_x0(prediction, sample, ("vp", alpha, sigma), prediction_type)
@@ -287,9 +287,7 @@ def teacher_images(pipe, prompt, num_images=1, seed=0, scheduler="default", step
 
     latents = teacher_x0(pipe, [prompt] * int(num_images), seeded_noise(pipe, int(num_images), seed), scheduler,
                          steps, guidance, spacing)
-    with torch.no_grad():
-        images = family_of(pipe).decode_latents(latents)
-    return pipe.image_processor.postprocess(images.float().cpu(), output_type="pil")
+    return family_of(pipe).preview(latents)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -367,13 +367,10 @@ def pipeline_noise(pipe, seeds):
     """The initial latents the pipeline itself would draw for these seeds (one CPU generator per image)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from pipelines.families import family_of
+    from pipelines.hipa import latent_shape
 
-    family = family_of(pipe)
-    size = family.native_size()
-    shape = (len(seeds), *family.latent_shape(size, size))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    return randn_tensor(shape, generator=generators, dtype=torch.float32)
+    return randn_tensor((len(seeds), *latent_shape(pipe)), generator=generators, dtype=torch.float32)
 
 
 def default_prompts(count: int):

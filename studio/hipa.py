@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from studio.train import Objective
+from studio.train import Objective, training_size
 
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("base", "scheduler", "steps", "guidance", "spacing", "prompts", "seed", "shard_size", "latent_shape")
@@ -240,10 +240,7 @@ class HiPAObjective(Objective):
         options = {**OPTION_DEFAULTS, **(cfg.objective_options or {})}
         self.loss_config = HiPALossConfig.from_dict(_checked_loss(options["loss"]))
         self.timestep = one_step_timestep(family, options["timestep"])
-        size = int(cfg.resolution or family.native_size())
-        if size % family.size_multiple():
-            raise ValueError(f"resolution {size} is not a multiple of {family.size_multiple()} (this model's latent "
-                             f"and patch size); pick e.g. {size - size % family.size_multiple()}")
+        size = training_size(family, cfg.resolution)
         prompts = list(options["prompts"] or default_prompts())
         guidance = options["teacher_guidance"]
         if guidance is None:

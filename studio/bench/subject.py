@@ -112,10 +112,10 @@ def _train_in_subprocess(config: dict, folder: Path) -> dict:
 
 
 def _is_dit(args) -> bool:
-    from pipelines import load_pipeline
     from pipelines.families import family_of
+    from studio.generate import get_pipeline
 
-    return family_of(load_pipeline(args.base, device=args.device)).component == "transformer"
+    return family_of(get_pipeline(args.base, device=args.device)).component == "transformer"  # cached: evaluated anyway
 
 
 def _class_images(args, prior) -> float:
