@@ -20,6 +20,13 @@ def _same_global_rng():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _own_encode_cache(tmp_path_factory, monkeypatch):
+    """Each test its own encode cache (studio.cache, $STUDIO_CACHE): nothing is read from ~/.cache or from what
+    another test encoded (subprocesses inherit it)."""
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path_factory.mktemp("encode-cache")))
+
+
 def _saved(tmp_path_factory, name, builder):
     folder = tmp_path_factory.mktemp(name)
     builder().save_pretrained(folder)

@@ -368,10 +368,11 @@ def test_masked_loss_counts_only_what_the_masks_keep(tiny_sd_dir, make_subject, 
     assert report["masks"] == {"0.png": "0.mask.png", "1.png": "1.mask.png", "2.png": "none"}
     pixels = torch.ones(3, 1, 32, 32)
     pixels[:2, :, :16] = 0
-    assert torch.equal(objective.masks, F.interpolate(pixels, size=objective.latents.shape[-2:], mode="area"))
+    (bucket,) = objective.buckets  # square images: one bucket
+    assert torch.equal(bucket.masks, F.interpolate(pixels, size=bucket.latents.shape[-2:], mode="area"))
 
-    h = objective.latents.shape[-2]
-    wrong_on_top = torch.zeros(objective.latents.shape[1:])
+    h = bucket.latents.shape[-2]
+    wrong_on_top = torch.zeros(bucket.latents.shape[1:])
     wrong_on_top[:, : h // 2] = 7.0
     monkeypatch.setattr(objective.objective, "target", lambda latents, noise, t: torch.zeros_like(latents))
     monkeypatch.setattr(run.family, "predict", lambda noisy, t, cond, denoiser=None: wrong_on_top.expand_as(noisy))
