@@ -9,7 +9,8 @@ A fingerprint hashes each module's config and every byte of its state (once per 
 what else changes the output: the device kind, attention kernel and TF32 for both; the tokenizers, family and
 sequence length for text. Files are safetensors (never pickle) written to a temporary name and renamed, so a
 reader sees a whole file or none; one that cannot be read, or holds the wrong shape, is a miss: encoded again and
-rewritten. Nothing random is cached except the horizontal flip, which is part of the key.
+rewritten. Nothing random is cached except the horizontal flip, which is part of the key. A module whose folder
+lacks some of its weights (drawn at random on every load, even unused ones) misses every time: slower, never wrong.
 """
 import hashlib
 import json

@@ -148,3 +148,81 @@ def test_masks_come_from_a_mask_file_or_the_alpha_channel_cropped_like_the_pixel
     plain = load_subject(tmp_path, 16, prompt="p")
     assert sorted(Path(e.path).name for e in plain.examples) == ["cutout.png", "dark.png", "photo.png", "plain.png"]
     assert all(e.mask is None for e in plain.examples)
+
+
+def test_bucket_sizes_and_assignment_match_hand_computed_values():
+    from studio.data import bucket_sizes, nearest_bucket
+
+    # 32^2 in multiples of 4: for each width the largest height within 1024 pixels; 44x20 (2.2:1) is out of range
+    assert bucket_sizes(32, 4) == [(32, 32), (36, 28), (28, 36), (40, 24), (24, 40)]
+    # SD1.5 (512, multiples of 64): the area never exceeds the square's
+    assert bucket_sizes(512, 64) == [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]
+    assert all(w * h <= 512 * 512 for w, h in bucket_sizes(512, 64))
+    buckets = bucket_sizes(32, 4)
+    assert nearest_bucket(36, 40, buckets) == (32, 32)  # 0.9: nearer 1 than 0.78
+    assert nearest_bucket(64, 32, buckets) == (40, 24)  # 2:1 -> the widest there is
+    assert nearest_bucket(30, 48, buckets) == (24, 40)  # 0.625: |ln .6 - ln .625| < |ln .78 - ln .625|
+    assert nearest_bucket(100, 40, buckets) == (40, 24)
+    assert nearest_bucket(32, 32, buckets) == (32, 32)
+
+
+def test_images_go_to_their_bucket_cover_cropped_with_masks_and_tiny_ones_are_skipped(tmp_path):
+    from studio.data import bucket_sizes, fit, square
+
+    wide = _noise(size=(64, 32), seed=1)
+    wide.save(tmp_path / "wide.png")
+    stripes = Image.new("L", (64, 32), 0)
+    stripes.paste(255, (30, 0, 64, 32))
+    stripes.save(tmp_path / "wide.mask.png")
+    _noise(size=(30, 48), seed=2).save(tmp_path / "tall.png")
+    _noise(size=(36, 40), seed=3).save(tmp_path / "almost.png")
+    _noise(size=(15, 15), seed=4).save(tmp_path / "tiny.png")  # 32/15 = 2.13x upscaling: over the limit
+
+    data = load_subject(tmp_path, 32, prompt="p", masks=True, buckets=bucket_sizes(32, 4))
+    by_name = {Path(e.path).name: e for e in data.examples}
+    assert {n: e.bucket for n, e in by_name.items()} == {"wide.png": (40, 24), "tall.png": (24, 40), "almost.png": (32, 32)}
+    assert by_name["wide.png"].pixels.shape == (3, 24, 40) and by_name["tall.png"].pixels.shape == (3, 40, 24)
+    # cover: 64x32 scales by max(40/64, 24/32) = 0.75 to 48x24, then 4 columns go on each side
+    by_hand = wide.resize((48, 24), Image.Resampling.BICUBIC, reducing_gap=3.0).crop((4, 0, 44, 24))
+    np.testing.assert_array_equal(by_name["wide.png"].pixels, np.asarray(by_hand, np.float32).transpose(2, 0, 1) / 127.5 - 1)
+    expected = np.asarray(stripes.resize((48, 24), Image.Resampling.BICUBIC, reducing_gap=3.0).crop((4, 0, 44, 24)),
+                          np.float32) / 255  # the mask is cropped exactly as its image
+    np.testing.assert_array_equal(by_name["wide.png"].mask, expected)
+    assert "too small (15x15)" in dict(data.skipped)["tiny.png"] and "2.1x upscaling" in dict(data.skipped)["tiny.png"]
+    report = data.report()
+    assert report["buckets"] == {"32x32": ["almost.png"], "40x24": ["wide.png"], "24x40": ["tall.png"]}
+    assert [b.name for b in data.buckets()] == ["32x32", "40x24", "24x40"]
+    # a square bucket is the old centre square, pixel for pixel
+    assert np.array_equal(np.asarray(fit(wide, 32, 32)), np.asarray(square(wide, 32)))
+    # without buckets every image is that square (the upscale limit still holds)
+    squares = load_subject(tmp_path, 32, prompt="p")
+    assert {e.bucket for e in squares.examples} == {(32, 32)} and "tiny.png" in dict(squares.skipped)
+
+
+def test_bucket_batches_stay_in_one_bucket_and_are_a_pure_function_of_the_step():
+    from studio.data import bucket_batch, bucket_shares
+
+    sizes, repeats, batch = [5, 2, 1], 2, 3
+    shares = bucket_shares(sizes, repeats, batch)
+    assert shares == [4, 2, 1]  # ceil(10/3), ceil(4/3), ceil(2/3): 7 micro-batches per epoch
+    whole = [bucket_batch(7, sizes, repeats, batch, k) for k in range(70)]
+    for bucket, positions in whole:
+        assert len(positions) == batch and all(0 <= p < sizes[bucket] for p in positions)
+    for round_ in range(10):  # each epoch deals every bucket its share, in a seeded order
+        dealt = [b for b, _ in whole[round_ * 7:(round_ + 1) * 7]]
+        assert sorted(dealt) == [0, 0, 0, 0, 1, 1, 2]
+    assert len({tuple(b for b, _ in whole[r * 7:(r + 1) * 7]) for r in range(10)}) > 1  # the order changes
+    first = [p for b, positions in whole[:7] if b == 0 for p in positions]
+    assert sorted(first[:10]) == sorted(list(range(5)) * 2)  # the first epoch of bucket 0's stream: each twice
+    assert bucket_batch(7, sizes, repeats, batch, 33) == whole[33]  # recomputed from k alone
+    assert [bucket_batch(8, sizes, repeats, batch, k) for k in range(70)] != whole  # another seed, another order
+    # one bucket is the plain data order, as before buckets
+    assert [bucket_batch(3, [7], 1, 2, k) for k in range(5)] == [(0, example_indices(3, 7, 2 * k, 2)) for k in range(5)]
+
+
+def test_step_plan_counts_bucket_padding():
+    plan = StepPlan(images=8, repeats=2, batch_size=3, grad_accum=1, processes=1, steps=10, padding=5,
+                    buckets={"32x32": 5, "40x24": 2, "24x40": 1})
+    assert plan.examples_per_epoch == 21 and plan.steps_per_epoch == 7  # the 7 micro-batches bucket_batch deals
+    text = plan.describe()
+    assert "(+5 repeated to fill each bucket's last batch)" in text and "40x24 (2 images)" in text

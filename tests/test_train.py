@@ -445,3 +445,120 @@ def test_report_to_tensorboard_logs_the_losses_and_a_missing_tracker_is_one_line
                  "--report-to", "tensorboard", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install tensorboard" in err
+
+
+@pytest.fixture(scope="module")
+def framed(tmp_path_factory):
+    """Non-square subject images: two wide ones (-> the 40x24 bucket), a tall one (-> 24x40), a square one."""
+    folder = tmp_path_factory.mktemp("framed")
+    rng = np.random.default_rng(5)
+    for name, (w, h) in {"wide0": (64, 32), "wide1": (60, 32), "tall": (32, 64), "square": (32, 32)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_non_square_images_train_in_buckets_and_sample_in_their_shape(tiny_sd_dir, framed, tmp_path, monkeypatch):
+    """Each model call holds one bucket; the square class images (prior preservation) share the square bucket's
+    call and get their own beside the others; validation samples have the most common bucket's shape."""
+    from studio.train import SubjectObjective
+
+    calls = []
+    original = SubjectObjective._per_example
+    monkeypatch.setattr(SubjectObjective, "_per_example",
+                        lambda self, run, latents, *rest: calls.append(tuple(latents.shape)) or original(self, run, latents, *rest))
+    out = tmp_path / "run"
+    train(_config(tiny_sd_dir, framed, out, steps=9, batch_size=2, validation_seeds=[0], validation_steps=2,
+                  prior_preservation=True, class_prompt=["a photo of a bag"], class_images=2, class_sampling_steps=2))
+    data = json.loads((out / "data.json").read_text())
+    assert data["buckets"] == {"32x32": ["square.png"], "40x24": ["wide0.png", "wide1.png"], "24x40": ["tall.png"]}
+    assert data["validation_size"] == "40x24"
+    assert data["plan"]["padding"] == 2 and data["plan"]["steps_per_epoch"] == 3  # 3 buckets, one batch of 2 each
+    # latents are half the pixels: 40x24 -> 12x20. Subject and class rows meet in one call only at the square size.
+    subject_calls = [shape for shape in calls if shape[0] == 2 and shape[2:] != (16, 16) or shape[0] == 4]
+    assert len(subject_calls) == 9 and {s[2:] for s in subject_calls} == {(16, 16), (12, 20), (20, 12)}
+    for i, shape in enumerate(calls):
+        assert shape in {(4, 4, 16, 16), (2, 4, 12, 20), (2, 4, 20, 12), (2, 4, 16, 16)}
+        if shape[2:] != (16, 16):
+            assert calls[i + 1] == (2, 4, 16, 16)  # the class rows' own call
+    records = [r for r in read_jsonl(out / "log.jsonl") if "loss" in r]
+    assert len(records) == 9 and all(np.isfinite([r["loss"], r["instance_loss"], r["prior_loss"]]).all() for r in records)
+    for step in (0, 9):
+        assert Image.open(out / "samples" / f"step-{step:06d}" / "p0-seed0.png").size == (40, 24)
+
+
+def test_non_square_stop_then_resume_is_bitwise_identical(tiny_sd_dir, framed, tmp_path):
+    settings = dict(steps=6, batch_size=2, grad_accum=2, flip=True, checkpoint_every=1)
+    train(_config(tiny_sd_dir, framed, tmp_path / "whole", **settings))
+    calls = []
+    train(_config(tiny_sd_dir, framed, tmp_path / "part", **settings), stop=lambda: len(calls) > 2 or calls.append(1))
+    assert run_status(tmp_path / "part")["step"] == 3
+    train(_config(tiny_sd_dir, framed, tmp_path / "part", resume=True, **settings))
+    _same(_adapter(tmp_path / "whole"), _adapter(tmp_path / "part"))
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+
+@pytest.fixture(scope="module")
+def whole_sd_dir(tmp_path_factory):
+    """The tiny SD pipeline with every text-encoder weight saved: tiny_sd_dir's BERT has no pooler in its folder, so
+    each load draws a new random (unused) one, and the encoder's fingerprint, which hashes every weight, differs."""
+    from transformers import BertModel
+
+    from pipelines.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    torch.manual_seed(0)
+    pipe.text_encoder = BertModel(pipe.text_encoder.config, add_pooling_layer=True).eval()
+    folder = tmp_path_factory.mktemp("whole-sd")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_a_second_run_encodes_nothing_and_trains_the_same(whole_sd_dir, framed, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from pipelines.families import StableDiffusion
+
+    encodes = {"vae": 0, "text": 0}
+
+    def counting(kind, method):
+        def wrapper(*args, **kwargs):
+            encodes[kind] += 1
+            return method(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting("vae", AutoencoderKL.encode))
+    monkeypatch.setattr(StableDiffusion, "encode_text", counting("text", StableDiffusion.encode_text))
+    cache = tmp_path / "cache"
+    runs = {}
+    for name in ("first", "second"):
+        before = dict(encodes)
+        out = tmp_path / name
+        train(_config(whole_sd_dir, framed, out, steps=4, flip=True, cache_dir=str(cache)))
+        (event,) = [r for r in read_jsonl(out / "log.jsonl") if r.get("event") == "cache"]
+        assert json.loads((out / "data.json").read_text())["cache"] == {k: v for k, v in event.items() if k not in ("event", "step")}
+        runs[name] = {"vae": encodes["vae"] - before["vae"], "text": encodes["text"] - before["text"], **event}
+    assert runs["first"]["vae"] == 8 and runs["first"]["latents_encoded"] == 8  # 4 images, flipped and not
+    assert runs["first"]["embeddings_encoded"] == 2 and runs["first"]["encode_seconds"] > 0  # the prompt and ""
+    assert runs["second"]["vae"] == 0 and runs["second"]["text"] == 0
+    assert runs["second"]["latents_encoded"] == 0 and runs["second"]["latents_cached"] == 8
+    assert runs["second"]["embeddings_encoded"] == 0 and runs["second"]["embeddings_cached"] == 2
+    assert runs["second"]["dir"] == str(cache)
+    assert _losses(tmp_path / "first") == _losses(tmp_path / "second")
+    _same(_adapter(tmp_path / "first"), _adapter(tmp_path / "second"))
+
+
+def test_no_buckets_and_no_cache_from_flags(tiny_sd_dir, framed, tmp_path):
+    import os
+
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", "--base", str(tiny_sd_dir), "--images", str(framed), "--prompt", "a photo of sks bag",
+                 "--steps", "1", "--rank", "2", "--device", "cpu", "--quiet", "--no-buckets", "--cache-dir", "none",
+                 "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["buckets"] is False and saved["cache_dir"] == "none"
+    data = json.loads((out / "data.json").read_text())
+    assert list(data["buckets"]) == ["32x32"] and len(data["buckets"]["32x32"]) == 4  # all centre-cropped squares
+    assert data["cache"]["dir"] is None and data["cache"]["latents_encoded"] == 4
+    assert not list(Path(os.environ["STUDIO_CACHE"]).rglob("*.safetensors"))  # nothing written anywhere
