@@ -303,7 +303,8 @@ def log_text(job, records) -> str:
         try:
             from studio.data import StepPlan
 
-            keys = ("images", "repeats", "batch_size", "grad_accum", "processes", "steps", "class_images")
+            keys = ("images", "repeats", "batch_size", "grad_accum", "processes", "steps", "class_images", "padding",
+                    "buckets")
             lines += StepPlan(**{k: plan[k] for k in keys if k in plan}).describe().splitlines()
         except (TypeError, ValueError, KeyError):
             pass
