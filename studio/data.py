@@ -327,9 +327,9 @@ class StepPlan:
         return self.steps * self.examples_per_step / self.examples_per_epoch
 
     def describe(self) -> str:
-        padded = f" (+{self.padding} repeated to fill each bucket's last batch)" if self.padding else ""
+        padded = f" + {self.padding} repeated to fill each bucket's last batch" if self.padding else ""
         lines = [
-            f"{self.images} images x {self.repeats} repeats = {self.examples_per_epoch} examples per epoch{padded}",
+            f"{self.images} images x {self.repeats} repeats{padded} = {self.examples_per_epoch} examples per epoch",
             f"batch {self.batch_size} x accumulation {self.grad_accum} x {self.processes} process(es) = "
             f"{self.examples_per_step} examples per optimiser step",
             f"{self.steps_per_epoch} steps per epoch; {self.steps} steps = {self.epochs:.2f} epochs "

@@ -225,4 +225,4 @@ def test_step_plan_counts_bucket_padding():
                     buckets={"32x32": 5, "40x24": 2, "24x40": 1})
     assert plan.examples_per_epoch == 21 and plan.steps_per_epoch == 7  # the 7 micro-batches bucket_batch deals
     text = plan.describe()
-    assert "(+5 repeated to fill each bucket's last batch)" in text and "40x24 (2 images)" in text
+    assert "8 images x 2 repeats + 5 repeated to fill each bucket's last batch = 21 examples per epoch" in text and "40x24 (2 images)" in text
