@@ -1,13 +1,15 @@
-"""Few-step samplers: DC-Solver against UniPC, DPM-Solver++ and DDIM at 5/6/8/10 steps.
+"""Few-step samplers judged by what the model really draws: DC-Solver, UniPC (on several grids), DPM-Solver++ and
+DDIM against the converged sample from the same noise.
 
-Protocol (the DC-Solver paper's, with a cheaper reference): from the same noise, the MSE of each sampler's
-final latent to a fine reference whose grid contains every coarse timestep. The paper uses 999 DDIM steps
-(--reference ddim --reference-steps 999); by default we use ~100 DPM-Solver++(2M) steps, which on the
-Gaussian test bed are about as close to the exact solution (5e-7 vs 5e-7 unguided, 2e-6 vs 6e-7 at CFG 4),
-far below the solvers' own errors (>= 4e-4 at 10 steps), at a tenth of the calls; plus the evaluator's prompt
-accuracy and FD-classifier of the decoded images (stand-ins for CLIP score and FID). The noise seeds
-here (default 1000..) are disjoint from the seeds dc-search fits and validates ratios on (0..19), so
-DC-Solver is measured on held-out noise.
+Protocol: for each (model, guidance) the converged sample is deterministic DDIM through every training timestep
+from the model's usable T (studio.dcsearch.sampling_top: 999 for SD schedules, 995 for the embedded models' capped
+cosine) to 0; a second solver (DPM-Solver++(2M), --check-steps steps) from the same noise shows it has converged,
+and their distance is the floor no sampler can be judged below. Each sampler's error is the MSE of its decoded
+image (0-1 range, what a user sees) to the converged sample's image, and the final-latent MSE beside it; plus the
+evaluator's prompt accuracy and FD-classifier (stand-ins for CLIP score and FID). Grids: "model" is the
+scheduler's own spacing (leading for the shipped models, which starts 5 steps at t = 801 and 25 at t = 961),
+"trailing" and "karras" start at the usable T. DC-Solver runs on the grid its shipped ratios were fitted on. The
+noise seeds (default 1000..) are disjoint from those dc-search fits and validates on (0..19).
 """
 import json
 import time
@@ -15,41 +17,49 @@ import time
 import torch
 
 
+GRIDS = {"model": {}, "trailing": {"timestep_spacing": "trailing", "steps_offset": 0},
+         "karras": {"timestep_spacing": "trailing", "steps_offset": 0, "use_karras_sigmas": True}}
+
+
 def add_arguments(p):
     p.add_argument("--base", default="embedded,embedded-dit", help="models, comma-separated (missing ones are skipped)")
-    p.add_argument("--steps", default="5,6,8,10", help="step counts, comma-separated")
-    p.add_argument("--guidance", default="1,default", help="guidance scales; 'default' = the model's own")
-    p.add_argument("--samplers", default="dc-solver,unipc,dpm++,ddim,dc-dpm++",
-                   help="comma-separated; dc-dpm++ runs only where fitted DPM-Solver++ ratios were shipped")
-    p.add_argument("--per-class", type=int, default=4, help="images per prompt class (9 classes)")
+    p.add_argument("--steps", default="5,6,8,10,25", help="step counts, comma-separated")
+    p.add_argument("--guidance", default="1,default,7.5", help="guidance scales; 'default' = the model's own")
+    p.add_argument("--samplers", default="dc-solver,unipc,unipc-trailing,unipc-karras,dpm++,ddim",
+                   help="comma-separated: dc-solver (its fitted grid), dc-dpm++ (where fitted ratios were shipped), "
+                        "unipc, dpm++, ddim, each optionally -trailing or -karras (a grid from the usable T)")
+    p.add_argument("--per-class", type=int, default=2, help="images per prompt class (9 classes)")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed (keep clear of dc-search's 0..19)")
-    p.add_argument("--reference", default="dpm++", choices=["dpm++", "ddim"],
-                   help="reference sampler: DPM-Solver++(2M) (default; ~100 of its steps are about as exact as 999 DDIM "
-                        "steps) or DDIM (the paper's protocol: --reference ddim --reference-steps 999)")
-    p.add_argument("--reference-steps", type=int, default=100, help="steps of the reference")
-    p.add_argument("--timestep-spacing", default="fitted", choices=["fitted", "model", "linspace", "leading", "trailing"],
-                   help="grid of every sampler: the one the shipped DC ratios were fitted on (default) or another")
+    p.add_argument("--check-steps", type=int, default=400,
+                   help="steps of the DPM-Solver++ run that checks the converged DDIM sample (their distance: the floor)")
     p.add_argument("--device", default="cpu")
 
 
-def _scheduler(pipe, name, guidance, overrides):
-    """Every sampler on the same grid: the model's scheduler config plus the overrides (e.g. spacing)."""
+def _scheduler(pipe, name, guidance):
+    """A sampler by name: 'dc-solver' / 'dc-dpm++' with the model's fit (on the grid it was fitted on), else
+    'unipc', 'dpm++' or 'ddim' with an optional grid suffix ('-trailing', '-karras': from the usable T)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     from pipelines.dcsolver import DCDPMSolverScheduler, DCSolverScheduler
+    from studio.dcsearch import start_at_top
 
-    config = {**pipe.scheduler.config, **overrides}
     if name == "dc-solver":
-        return DCSolverScheduler.for_pipeline(pipe, guidance_scale=guidance, **overrides)
+        return DCSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
     if name == "dc-dpm++":
-        return DCDPMSolverScheduler.for_pipeline(pipe, guidance_scale=guidance, **overrides)
-    if name == "unipc":
+        return DCDPMSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
+    solver, _, grid = name.partition("-")
+    if grid and grid not in GRIDS or grid == "model":
+        raise ValueError(f"unknown grid in '{name}': use -trailing or -karras")
+    config = dict(pipe.scheduler.config)
+    if grid:
+        config = {**config, **start_at_top(config), **GRIDS[grid]}
+    if solver == "unipc":
         return UniPCMultistepScheduler.from_config(config)
-    if name == "dpm++":
+    if solver == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if name == "ddim":
+    if solver == "ddim":
         return DDIMScheduler.from_config(config, clip_sample=False)  # plain deterministic DDIM, as in the paper
-    raise ValueError(f"unknown sampler '{name}': choose from dc-solver, unipc, dpm++, ddim, dc-dpm++")
+    raise ValueError(f"unknown sampler '{name}': choose from dc-solver, dc-dpm++, unipc, dpm++, ddim (+ -trailing/-karras)")
 
 
 def _decode(pipe, latents):
@@ -61,17 +71,16 @@ def _decode(pipe, latents):
     return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
 
 
-def _scores(evaluator, pipe, latents, classes):
+def _scores(evaluator, images, classes):
     if evaluator is None:
         return {}
-    images = _decode(pipe, latents)
     return {"prompt_acc": 100.0 * evaluator.prompt_accuracy(images, classes), "fd": evaluator.fd(images)}
 
 
 def bench_base(base, args, evaluator, rows, notes):
     from pipelines import load_pipeline
     from pipelines.dcsolver import fitted_file
-    from studio.dcsearch import mse, pipeline_denoiser, pipeline_noise, references_for, sample
+    from studio.dcsearch import converged_reference, mse, pipeline_denoiser, pipeline_noise, sample
     from studio.evaluate import default_sampling
     from studio.fashion import PRETRAINED_CLASSES, prompt_for
 
@@ -93,15 +102,6 @@ def bench_base(base, args, evaluator, rows, notes):
         notes.append(f"{base}: dc-dpm++ skipped (no fitted DPM-Solver++ ratios shipped)")
     if not fitted_file(base, "unipc").is_file():
         notes.append(f"{base}: no fitted DC-Solver ratios shipped: dc-solver runs with rho = 1 (= UniPC)")
-    overrides = {}
-    if args.timestep_spacing == "fitted" and fitted_file(base, "unipc").is_file():
-        fitted = json.loads(fitted_file(base, "unipc").read_text()).get("scheduler_overrides", {})
-        # the grid settings only: the DC settings (dc_order) reach dc-solver through for_pipeline
-        overrides = {k: v for k, v in fitted.items() if k in ("timestep_spacing", "steps_offset")}
-    elif args.timestep_spacing not in ("fitted", "model"):
-        overrides = {"timestep_spacing": args.timestep_spacing, "steps_offset": int(args.timestep_spacing == "leading")}
-    if overrides:
-        notes.append(f"{base}: every sampler runs with {overrides} on top of the model's scheduler config")
     n = int(args.per_class)
     classes = [c for c in PRETRAINED_CLASSES for _ in range(n)]
     prompts = [prompt_for(c) for c in classes]
@@ -109,32 +109,44 @@ def bench_base(base, args, evaluator, rows, notes):
     for guidance in guidances:
         denoise = pipeline_denoiser(pipe, prompts, guidance)
         started = time.perf_counter()
-        probe = _scheduler(pipe, "unipc", guidance, overrides)
-        references = references_for(denoise, noise, probe, steps_list, args.reference_steps, method=args.reference)
-        reference_final = references[steps_list[0]][-1]
-        rows.append({"base": base, "guidance": guidance, "sampler": f"{args.reference}-reference", "steps": args.reference_steps,
-                     "mse": 0.0, **_scores(evaluator, pipe, reference_final, classes),
-                     "seconds": time.perf_counter() - started})
-        print(f"  {base} cfg {guidance:g}: reference done ({rows[-1]['seconds']:.0f} s)", flush=True)
+        reference = converged_reference(denoise, noise, pipe.scheduler.config, args.check_steps)
+        target = _decode(pipe, reference["final"])
+        floor = mse(_decode(pipe, reference["check"]), target)
+        rows.append({"base": base, "guidance": guidance, "sampler": f"converged: DDIM {reference['top'] + 1} steps",
+                     "steps": reference["top"] + 1, "image_mse": 0.0, "x_floor": 0.0, "latent_mse": 0.0,
+                     **_scores(evaluator, target, classes), "seconds": time.perf_counter() - started})
+        rows.append({"base": base, "guidance": guidance, "sampler": "check: DPM-Solver++", "steps": args.check_steps,
+                     "image_mse": floor, "x_floor": 1.0, "latent_mse": mse(reference["check"], reference["final"])})
+        print(f"  {base} cfg {guidance:g}: converged sample from t = {reference['top']} "
+              f"(floor {floor:.3g}, {rows[-2]['seconds']:.0f} s)", flush=True)
         for steps in steps_list:
-            target = references[steps][-1]
             unipc_mse = None
             for name in samplers:
                 started = time.perf_counter()
-                scheduler = _scheduler(pipe, name, guidance, overrides)
-                final = sample(scheduler, denoise, noise, steps)
-                row = {"base": base, "guidance": guidance, "sampler": name, "steps": steps, "mse": mse(final, target),
-                       **_scores(evaluator, pipe, final, classes), "seconds": time.perf_counter() - started}
+                scheduler = _scheduler(pipe, name, guidance)
+                try:
+                    final = sample(scheduler, denoise, noise, steps)
+                except (AssertionError, IndexError, RuntimeError) as exc:  # e.g. karras grids that repeat a timestep
+                    rows.append({"base": base, "guidance": guidance, "sampler": name, "steps": steps,
+                                 "error": f"{type(exc).__name__}: {exc}".strip()[:120]})
+                    continue
+                images = _decode(pipe, final)
+                error = mse(images, target)
+                row = {"base": base, "guidance": guidance, "sampler": name, "steps": steps, "image_mse": error,
+                       "x_floor": error / floor if floor > 0 else None, "latent_mse": mse(final, reference["final"]),
+                       "start_t": int(scheduler.timesteps[0]), **_scores(evaluator, images, classes),
+                       "seconds": time.perf_counter() - started}
                 if hasattr(scheduler, "ratio_source"):  # table, cpr, or unvalidated (outside the fit: = UniPC)
                     row["ratios"] = scheduler.ratio_source
                 if name == "unipc":
-                    unipc_mse = row["mse"]
+                    unipc_mse = error
                 rows.append(row)
-            for row in rows[-len(samplers):]:
+            done = [r for r in rows[-len(samplers):] if "image_mse" in r]
+            for row in done:
                 if unipc_mse:
-                    row["mse_vs_unipc_%"] = 100.0 * (row["mse"] / unipc_mse - 1.0)
+                    row["vs_unipc_%"] = 100.0 * (row["image_mse"] / unipc_mse - 1.0)
             print(f"  {base} cfg {guidance:g} steps {steps}: " + ", ".join(
-                f"{r['sampler']} {r['mse']:.4g}" for r in rows[-len(samplers):]), flush=True)
+                f"{r['sampler']} {r['image_mse']:.4g}" for r in done), flush=True)
 
 
 def run(args):
@@ -150,10 +162,12 @@ def run(args):
         bench_base(base, args, evaluator, rows, notes)
     for note in notes:
         print(note)
-    columns = ["base", "guidance", "steps", "sampler", "ratios", "mse", "mse_vs_unipc_%", "prompt_acc", "fd", "seconds"]
+    columns = ["base", "guidance", "steps", "sampler", "start_t", "ratios", "image_mse", "x_floor", "vs_unipc_%",
+               "latent_mse", "prompt_acc", "fd", "seconds", "error"]
     return {"rows": rows, "columns": columns, "notes": notes,
             "settings": {"steps": args.steps, "guidance": args.guidance, "per_class": args.per_class,
-                         "seed": args.seed, "reference": args.reference, "reference_steps": args.reference_steps,
-                         "metric": "final-latent MSE to a fine reference from the same noise whose grid contains "
-                                   "every coarse timestep (the paper's protocol uses 999 DDIM steps)",
+                         "seed": args.seed, "check_steps": args.check_steps,
+                         "metric": "MSE of the decoded image (0-1) to the converged sample from the same noise: DDIM "
+                                   "through every training timestep from the usable T; x_floor = that error over the "
+                                   "distance between the converged DDIM and DPM-Solver++ samples",
                          "fd_name": "FD-classifier (evaluator features; a stand-in for FID)"}}
