@@ -153,7 +153,7 @@ def _curve(run_dir: Path, evaluator, class_name) -> list:
 
     losses = [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r]
     points, previous = [], 0
-    for folder in sorted((run_dir / "samples").glob("step-*")):
+    for folder in sorted(p for p in (run_dir / "samples").glob("step-*") if p.is_dir()):  # not the grids
         step = int(folder.name[5:])
         images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
         window = [loss for s, loss in losses if previous < s <= step]
