@@ -67,7 +67,9 @@ ENCODE_CHUNK = 1
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = {"none": None, "tensorboard": "tensorboard (or tensorboardX)", "wandb": "wandb"}  # --report-to: what it needs
 # Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
+# "identifier" only matters through the class prompt it derives (compared itself); runs recorded before it existed resume.
 RESUME_FREE = {"resume", "force", "out", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
+               "identifier",
                "attention", "channels_last", "tf32", "cpu_threads", "report_to",
                "validation_prompts", "validation_prompts_file", "validation_seeds", "validation_steps",
                "validation_guidance"}

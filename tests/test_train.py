@@ -82,6 +82,8 @@ def test_sigkill_then_resume_is_bitwise_identical(base, subject, tmp_path, reque
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + key.replace("_", "-"))
         elif isinstance(value, list):
             continue  # validation_seeds=[]: set through the YAML below
         else:
