@@ -11,6 +11,13 @@ Prior preservation (on by default, --prior N): every run also trains on N images
 that the base model generated itself (made once, up front, shared by all methods). Without it every method
 that learns the subject also drifts the other prompts toward it. Evaluation seeds start at --eval-seed, clear
 of every seed used for training, class images or validation samples.
+
+--defaults measures what a new user gets (issue #22): each method is trained by `studio train --base B --images I
+--prompt "a photo of sks bag" --method M` (+ --out, --cpu-threads, --quiet) and nothing else, so every other
+setting, prior preservation on the derived class prompt included, comes from the defaults table
+(studio/defaults.py). Subject = share of the prompt's own images classified as the held-out class; prior = prompt
+accuracy on the 9 pretrained class prompts, against the base's; a row meets the target (TARGET) with subject >= 0.8,
+prior within 5 points and a wall time <= 10 minutes.
 """
 import json
 import os
