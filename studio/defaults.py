@@ -40,6 +40,11 @@ FAMILIES = {
 FAMILY_LABELS = {"unet": "UNet (SD1.x/2.x, SDXL)", "dit": "DiT (PixArt, SD3, Flux)"}
 # The TrainConfig fields whose default comes from this table (None there means "the table's value").
 FIELDS = tuple(GENERIC)
+# A base that lists the concepts it knows (studio.json "prior_prompts", or the classes `studio pretrain` trained
+# it on) has them preserved too, beside the derived class prompt, with this many images each. Measured on
+# `embedded`: the derived "a photo of a bag" alone kept LoRA's prior (-4.4 points) but not LoLDU's (-58), whose
+# update reaches every prompt; the subject benchmark always preserved the 9 pretrained prompts at 8 images each.
+BASE_PROMPT_CLASS_IMAGES = 8
 
 # Rare tokens that DreamBooth-style prompts use as the subject's identifier ("a photo of sks bag"). The class
 # prompt for prior preservation is the instance prompt without it ("a photo of a bag").
@@ -86,6 +91,44 @@ def family_of_base(base) -> str | None:
     return None
 
 
+def base_prompts(base) -> list:
+    """The prompts of the concepts a base says it knows, from its studio.json: "prior_prompts", or for a model
+    `studio pretrain` made (it records "held_out_class") the Fashion-MNIST class prompts it was trained on.
+    Empty for any other base (a real checkpoint lists none)."""
+    index_folder = _folder_of(base)
+    path = index_folder / "studio.json" if index_folder is not None else None
+    try:
+        info = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    if isinstance(info.get("prior_prompts"), list):
+        return [str(p) for p in info["prior_prompts"] if str(p).strip()]
+    if info.get("held_out_class"):
+        from studio.fashion import CLASSES, prompt_for  # torch-free
+
+        return [prompt_for(c) for c in CLASSES if c != info["held_out_class"]]
+    return []
+
+
+def _folder_of(base) -> Path | None:
+    base = str(base or "embedded")
+    if base in _EMBEDDED:
+        from pipelines.assets import assets_dir
+
+        return assets_dir() / _EMBEDDED[base]
+    path = Path(base).expanduser()
+    return path if path.is_dir() else None
+
+
+def class_prompts_for(prompt, base=None, identifier=None) -> list:
+    """The default class prompts: the prompt without its identifier, then the base's own prompts (base_prompts).
+    Empty without an identifier."""
+    derived = class_prompt_for(prompt, identifier)
+    if not derived:
+        return []
+    return [derived] + [p for p in base_prompts(base) if p.strip().lower() != derived.strip().lower()]
+
+
 def resolve(method, base=None, family="auto") -> dict:
     """{field: (value, where it comes from)} for every table field: the family's entry for the method, else the
     method's, else GENERIC. family: 'unet', 'dit', None (generic), or 'auto' (read from base)."""
@@ -93,8 +136,12 @@ def resolve(method, base=None, family="auto") -> dict:
     method = str(method or "lora")
     own, fam = METHODS.get(method, {}), FAMILIES.get(family or "", {}).get(method, {})
     out = {}
+    listed = len(base_prompts(base)) if base is not None else 0
     for name, value in GENERIC.items():
-        if name in fam:
+        if name == "class_images" and listed:
+            out[name] = (BASE_PROMPT_CLASS_IMAGES, f"base default: {BASE_PROMPT_CLASS_IMAGES} per prompt, the base "
+                                                   f"lists {listed} prompts of its own")
+        elif name in fam:
             out[name] = (fam[name], f"{family} family default ({method})")
         elif name in own:
             out[name] = (own[name], f"method default ({method})")
@@ -136,6 +183,9 @@ def describe(method, base=None) -> str:
         lines.append(f"  --{name.replace('_', '-'):<20} {value!s:<10} {source}")
     lines.append("  --class-prompt         the prompt without its identifier token (e.g. 'a photo of sks bag' -> "
                  "'a photo of a bag')")
+    own = base_prompts(base)
+    if own:
+        lines.append(f"                         + the {len(own)} prompts the base lists as its own: {'; '.join(own)}")
     return "\n".join(lines)
 
 

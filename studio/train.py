@@ -181,11 +181,13 @@ class TrainConfig:
             if found is not None:
                 self.identifier, sources["identifier"] = found, "found in the prompt"
         if self.class_prompt is None:
-            derived = defaults.class_prompt_for(self.prompt, self.identifier)
+            derived = defaults.class_prompts_for(self.prompt, self.base, self.identifier)
             if not self.prior_preservation:
                 self.class_prompt = []
             elif derived:
-                self.class_prompt, sources["class_prompt"] = [derived], "derived from the prompt"
+                self.class_prompt = derived
+                sources["class_prompt"] = "derived from the prompt" + (
+                    f" + the base's own {len(derived) - 1} prompts" if len(derived) > 1 else "")
             elif sources.get("prior_preservation") != "set":
                 # No identifier: the prompt itself names the class, so there is nothing to preserve it against.
                 self.prior_preservation, self.class_prompt = False, []

@@ -137,9 +137,9 @@ def method_defaults(method, base=None, prompt=None) -> dict:
     family = defaults.family_of_base(base)
     resolved = defaults.resolve(method, base, family)
     values = {k: v for k, (v, _) in resolved.items()}
-    derived = defaults.class_prompt_for(prompt)
+    derived = defaults.class_prompts_for(prompt, base)
     values["prior_preservation"] = bool(values["prior_preservation"] and derived)
-    values["class_prompt"] = derived or ""
+    values["class_prompt"] = "\n".join(derived)
     shown = {"rank": "rank {}", "targets": "targets {}", "lr": "lr {:g}", "steps": "{} steps", "batch_size": "batch {}",
              "class_images": "{} class images"}
     by_source = {}
@@ -148,7 +148,8 @@ def method_defaults(method, base=None, prompt=None) -> dict:
             by_source.setdefault(source, []).append(shown[name].format(value))
     parts = [f"{', '.join(items)} ({source})" for source, items in by_source.items()]
     if derived and values["prior_preservation"]:
-        parts.append(f"prior preservation on '{derived}' (the prompt without '{defaults.find_identifier(prompt)}')")
+        parts.append(f"prior preservation on '{derived[0]}' (the prompt without '{defaults.find_identifier(prompt)}')"
+                     + (f" and the base's own {len(derived) - 1} prompts" if len(derived) > 1 else ""))
     else:
         parts.append("prior preservation off: no identifier token (sks, ohwx, ...) in the instance prompt to derive "
                      "a class prompt from")
@@ -502,12 +503,12 @@ def build(ctx) -> TrainTab:
                 found["lr"], found["steps"], found["batch_size"], found["prior_preservation"], found["class_prompt"],
                 found["class_images"], found["source"])
 
-    def on_prompt(prompt_v):
-        """The class prompt follows the instance prompt (its identifier token dropped)."""
-        from studio.defaults import class_prompt_for
+    def on_prompt(prompt_v, base_v):
+        """The class prompts follow the instance prompt (its identifier token dropped; the base's own prompts)."""
+        from studio.defaults import class_prompts_for
 
-        derived = class_prompt_for(prompt_v)
-        return (gr.update(value=bool(derived)), derived or "") if derived else (gr.skip(), gr.skip())
+        derived = class_prompts_for(prompt_v, base_v or ctx.base)
+        return (gr.update(value=True), "\n".join(derived)) if derived else (gr.skip(), gr.skip())
 
     def on_plan(kind_v, source_v, sample_v, upload_v, steps_v, repeats_v, batch_v, accum_v, pairs_v):
         if kind_v == "hipa":
@@ -684,7 +685,7 @@ def build(ctx) -> TrainTab:
     defaults_outputs = [rank, targets, lr, steps, batch, prior, class_prompt, class_images, defaults_note]
     for component in (method, base):
         component.change(on_defaults, inputs=defaults_inputs, outputs=defaults_outputs, queue=False)
-    prompt.change(on_prompt, inputs=[prompt], outputs=[prior, class_prompt], queue=False)
+    prompt.change(on_prompt, inputs=[prompt, base], outputs=[prior, class_prompt], queue=False)
     kind.change(on_kind, inputs=[kind, method, base], outputs=[subject_box, hipa_box, repeats, steps], queue=False)
     plan_inputs = [kind, source, sample, upload, steps, repeats, batch, accum, pairs]
     for component in plan_inputs:

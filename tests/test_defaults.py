@@ -70,21 +70,37 @@ def test_class_prompt_is_the_prompt_without_its_identifier(prompt, identifier, e
 def test_prior_preservation_follows_the_prompt():
     common = dict(base="embedded", images="x", method="lora", out="o")
     on = TrainConfig(prompt="a photo of sks bag", **common)
-    assert on.prior_preservation is True and on.class_prompt == ["a photo of a bag"] and on.identifier == "sks"
-    assert on.sources["class_prompt"] == "derived from the prompt"
+    assert on.prior_preservation is True and on.class_prompt[0] == "a photo of a bag" and on.identifier == "sks"
+    assert on.sources["class_prompt"] == "derived from the prompt + the base's own 9 prompts"
     # no identifier: nothing to preserve the prompt's class against; off, and the run says so in one line
     off = TrainConfig(prompt="a photo of a bag", **common)
     assert off.prior_preservation is False and off.class_prompt == []
     assert len(off.notes) == 1 and "no identifier token" in off.notes[0] and "--identifier" in off.notes[0]
     # the user's own token, their own class prompt, or prior preservation switched off
     mine = TrainConfig(prompt="a photo of zq9 bag", identifier="zq9", **common)
-    assert mine.class_prompt == ["a photo of a bag"] and mine.prior_preservation
+    assert mine.class_prompt[0] == "a photo of a bag" and mine.prior_preservation
     assert TrainConfig(prompt="a photo of a bag", class_prompt="a photo of a sandal", **common).prior_preservation
     assert TrainConfig(prompt="a photo of sks bag", prior_preservation=False, **common).class_prompt == []
     with pytest.raises(ValueError, match="needs --class-prompt"):
         TrainConfig(prompt="a photo of a bag", prior_preservation=True, **common).validate()
     with pytest.raises(ValueError, match="identifier 'zq9' is not a word of the prompt"):
         TrainConfig(prompt="a photo of sks bag", identifier="zq9", **common).validate()
+
+
+def test_a_base_that_lists_its_own_prompts_has_them_preserved_too(tmp_path):
+    unet = _folder(tmp_path, "unet", "unet")
+    assert defaults.base_prompts(unet) == []  # a real checkpoint lists none: the derived class prompt alone
+    plain = TrainConfig(base=unet, images="x", prompt="a photo of sks bag", method="lora", out="o")
+    assert plain.class_prompt == ["a photo of a bag"] and plain.class_images == defaults.GENERIC["class_images"]
+    (Path(unet) / "studio.json").write_text(json.dumps({"prior_prompts": ["a photo of a cat", "a photo of a bag"]}))
+    listed = TrainConfig(base=unet, images="x", prompt="a photo of sks bag", method="lora", out="o")
+    assert listed.class_prompt == ["a photo of a bag", "a photo of a cat"]  # the derived one first, no repeats
+    assert listed.class_images == defaults.BASE_PROMPT_CLASS_IMAGES and listed.sources["class_images"].startswith("base")
+    # the embedded models (made by studio pretrain) know the 9 Fashion-MNIST classes other than the held-out bag
+    embedded = TrainConfig(base="embedded", images="x", prompt="a photo of sks bag", method="loldu", out="o")
+    assert embedded.class_prompt[0] == "a photo of a bag" and len(embedded.class_prompt) == 10
+    assert "a photo of a sneaker" in embedded.class_prompt
+    assert TrainConfig(base="embedded", images="x", prompt="a photo of sks bag", class_images=3, out="o").class_images == 3
 
 
 def test_config_yaml_holds_the_effective_values_and_resume_compares_them(tiny_sd_dir, make_subject, tmp_path,
