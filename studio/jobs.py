@@ -165,13 +165,14 @@ class JobStore:
         if kind not in RUNNERS:
             raise ValueError(f"unknown job kind {kind!r}: choose one of {', '.join(RUNNERS)}")
         config = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        steps = int(config.get("steps") or 0)
         if kind == "train":
             from studio.train import TrainConfig
 
-            TrainConfig.from_dict({**config, "out": config.get("out") or "placeholder"})
+            steps = TrainConfig.from_dict({**config, "out": config.get("out") or "placeholder"}).steps  # table default
         with self._transaction() as conn:
             cur = conn.execute("INSERT INTO jobs (name, kind, config, run_dir, state, created, steps) VALUES (?,?,?,?,?,?,?)",
-                               (name or "", kind, "{}", "", "queued", time.time(), int(config.get("steps") or 0)))
+                               (name or "", kind, "{}", "", "queued", time.time(), int(steps)))
             job_id = cur.lastrowid
             run_dir = str(Path(config.get("out") or self.runs / f"job-{job_id:04d}").expanduser().resolve())
             config["out"] = run_dir

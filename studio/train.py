@@ -69,7 +69,9 @@ ENCODE_CHUNK = 1
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = {"none": None, "tensorboard": "tensorboard (or tensorboardX)", "wandb": "wandb"}  # --report-to: what it needs
 # Keys that may differ on --resume without changing what the run trains (kernels and layouts: float rounding at most).
-RESUME_FREE = {"resume", "force", "out", "cache_dir", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet", "max_nan_steps",
+# "identifier" only matters through the class prompt it derives (compared itself); runs recorded before it existed resume.
+RESUME_FREE = {"resume", "force", "out", "cache_dir", "validate_every", "checkpoint_every", "keep_checkpoints", "quiet",
+               "max_nan_steps", "identifier",
                "attention", "channels_last", "tf32", "cpu_threads", "report_to",
                "validation_prompts", "validation_prompts_file", "validation_seeds", "validation_steps",
                "validation_guidance"}
@@ -90,16 +92,18 @@ class TrainConfig:
     images: str = _f(None, "folder of subject images (+ optional same-name .txt captions)")
     prompt: str = _f(None, "instance prompt for images without a caption, e.g. 'a photo of sks bag'")
     method: str = _f("lora", "adapter method (lora, dora, sara, loldu, flora, tlora, ...) or 'full'")
-    rank: int = _f(4, "adapter rank")
+    rank: int = _f(None, "adapter rank", table=True)
     alpha: float = _f(None, "adapter alpha (scale = alpha / rank; default alpha = rank)")
     rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(rank) (TLoRA's paper: --alpha 1 --rslora)")
-    targets: str = _f("attn", "adapter targets: a preset (attn, ff, conv, all, joined by '+') or module patterns")
+    targets: str = _f(None, "adapter targets: a preset (attn, ff, conv, all, joined by '+') or module patterns",
+                      table=True)
     adapter_dropout: float = _f(0.0, "dropout inside the adapter")
     adapter_options: dict = field(default_factory=dict, metadata={"help": "method options, KEY=VALUE", "kv": True})
-    steps: int = _f(500, "optimiser steps")
-    batch_size: int = _f(1, "examples per process per micro-batch")
+    steps: int = _f(None, "optimiser steps", table=True)
+    batch_size: int = _f(None, "examples per process per micro-batch", table=True)
     grad_accum: int = _f(1, "micro-batches per optimiser step (gradient accumulation)")
-    lr: float = _f(1e-4, "learning rate")
+    lr: float = _f(None, "learning rate (with --optimizer prodigy: 1.0, a multiplier of Prodigy's own step size)",
+                   table=True)
     lr_scheduler: str = _f("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULES)}")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     optimizer: str = _f("adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; it finds its "
@@ -126,10 +130,15 @@ class TrainConfig:
                                   "else its alpha channel; white trains, black is ignored; images with neither train everywhere")
     repeats: int = _f(1, "how often each image appears per epoch")
     caption_dropout: float = _f(0.0, "probability of training a step on the empty prompt")
-    prior_preservation: bool = _f(False, "also train on class images the base model generates itself")
-    class_prompt: list = _fl([], "prompt(s) for the class images, e.g. 'a photo of a bag'; several prompts "
-                                 "preserve several concepts at once")
-    class_images: int = _f(50, "class images per class prompt for prior preservation")
+    prior_preservation: bool = _f(None, "also train on class images the base model generates itself (on by default "
+                                        "when a class prompt is given or can be derived from --prompt)", table=True,
+                                  kind=bool)
+    class_prompt: list = _f(None, "prompt(s) for the class images, e.g. 'a photo of a bag'; several prompts "
+                                  "preserve several concepts at once (default: --prompt without its identifier "
+                                  "token: 'a photo of sks bag' -> 'a photo of a bag')", kind=list)
+    identifier: str = _f(None, "the rare token that names the subject in --prompt (default: the first of "
+                               "sks, ohwx, zwx, ... found in it); the class prompt is the prompt without it")
+    class_images: int = _f(None, "class images per class prompt for prior preservation", table=True)
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
     class_sampling_steps: int = _f(25, "sampling steps for generating class images")
     class_cache: str = _f(None, "folder that caches class images (default: RUN_DIR/class_images)")
@@ -156,8 +165,60 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.class_prompt, str):  # one prompt, as older configs and the UI give it
             self.class_prompt = [self.class_prompt] if self.class_prompt.strip() else []
-        elif self.class_prompt is None:
-            self.class_prompt = []
+        self.sources, self.notes = self._resolve_defaults()
+
+    def _resolve_defaults(self):
+        """Fill the fields left None from the method table (studio.defaults: the family's entry for the method,
+        else the method's, else the generic one) and derive the class prompt. Returns ({field: where its value
+        came from}, [notes for the run's start]). Values already set (flags, YAML, keywords) are kept."""
+        from studio import defaults
+
+        sources, notes = {}, []
+        for name, (value, source) in defaults.resolve(self.method, self.base).items():
+            if getattr(self, name) is not None:
+                sources[name] = "set"
+                continue
+            if name == "lr" and self.optimizer == "prodigy":  # AdamW's rate would shrink Prodigy's step size
+                value, source = PRODIGY_LR, "Prodigy's own step size (x1)"
+            setattr(self, name, value)
+            sources[name] = source
+        if self.identifier is None:
+            found = defaults.find_identifier(self.prompt)
+            if found is not None:
+                self.identifier, sources["identifier"] = found, "found in the prompt"
+        if self.class_prompt is None:
+            derived = defaults.class_prompts_for(self.prompt, self.base, self.identifier)
+            if not self.prior_preservation:
+                self.class_prompt = []
+            elif derived:
+                self.class_prompt = derived
+                sources["class_prompt"] = "derived from the prompt" + (
+                    f" + the base's own {len(derived) - 1} prompts" if len(derived) > 1 else "")
+            elif sources.get("prior_preservation") != "set":
+                # No identifier: the prompt itself names the class, so there is nothing to preserve it against.
+                self.prior_preservation, self.class_prompt = False, []
+                sources["prior_preservation"] = "off: no identifier token in the prompt"
+                if self.images:
+                    notes.append(f"prior preservation is off: no identifier token ({', '.join(defaults.IDENTIFIERS[:3])}, "
+                                 f"...) in the prompt {self.prompt!r} to derive a class prompt from; name it with "
+                                 f"--identifier TOKEN, or give --class-prompt")
+            else:
+                self.class_prompt = []  # validate() asks for --class-prompt
+        return sources, notes
+
+    def defaults_line(self) -> str:
+        """One line for the start of a run: the values that came from the method table, and from where."""
+        used = {k: s for k, s in self.sources.items() if s != "set"}
+        if not used:
+            return ""
+        groups = {}
+        for name, source in used.items():
+            value = getattr(self, name)
+            shown = (f"{value:g}" if isinstance(value, float) else
+                     "; ".join(value) if isinstance(value, list) else str(value))
+            groups.setdefault(source, []).append(f"{name.replace('_', '-')} {shown}")
+        text = "; ".join(f"{', '.join(items)} ({source})" for source, items in groups.items())
+        return f"defaults for {self.method}: {text}; flags override them (studio train --show-defaults {self.method})"
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -172,8 +233,6 @@ class TrainConfig:
                     data[f.name] = float(data[f.name])
                 except ValueError:
                     pass  # validate() names the field
-        if data.get("optimizer") == "prodigy" and data.get("lr") is None:
-            data["lr"] = PRODIGY_LR  # AdamW's 1e-4 would shrink Prodigy's own step size 10,000 times
         config = cls(**data)
         config.validate()
         return config
@@ -232,8 +291,17 @@ class TrainConfig:
             raise ValueError(f"ema-decay must be between 0 and 1, got {self.ema_decay!r}")
         if self.snr_gamma is not None and not float(self.snr_gamma) > 0:
             raise ValueError(f"snr-gamma must be positive, got {self.snr_gamma!r}")
+        if not isinstance(self.prior_preservation, bool):
+            raise ValueError(f"prior-preservation must be true or false, got {self.prior_preservation!r}")
+        from studio.defaults import find_identifier
+
+        if self.identifier is not None and self.prompt and find_identifier(self.prompt, self.identifier) is None:
+            raise ValueError(f"identifier {self.identifier!r} is not a word of the prompt {self.prompt!r}")
         if self.prior_preservation and not self.class_prompt:
-            raise ValueError("prior preservation needs --class-prompt (e.g. 'a photo of a bag')")
+            raise ValueError("prior preservation needs --class-prompt (e.g. 'a photo of a bag'), or an identifier "
+                             "token in --prompt to derive it from (sks, ohwx, ...; --identifier names another)")
+        if not isinstance(self.class_prompt, list):
+            raise ValueError(f"class-prompt must be one or more prompts, got {self.class_prompt!r}")
         if not all(isinstance(p, str) and p.strip() for p in self.class_prompt):
             raise ValueError(f"class-prompt must be one or more non-empty prompts, got {self.class_prompt!r}")
         if not self.out:
@@ -957,7 +1025,9 @@ def _resolve_paths(config: TrainConfig) -> TrainConfig:
     base = str(config.base)
     if base not in ("embedded", "embedded-dit") and Path(base).expanduser().exists():
         changes["base"] = str(Path(base).expanduser().resolve())
-    return replace(config, **changes)
+    resolved = replace(config, **changes)
+    resolved.sources, resolved.notes = config.sources, config.notes  # where the values came from, for the log
+    return resolved
 
 
 class _Progress:
@@ -1007,6 +1077,9 @@ def train(config, objective: Objective = None, progress=None, stop=None) -> Path
         torch.set_num_threads(int(config.cpu_threads))
     bar = _Progress(is_main and not config.quiet, config.steps)
     say = bar.write if is_main else (lambda text: None)
+    for line in [config.defaults_line(), *config.notes]:
+        if line:
+            say(line)
     emit = (lambda event: progress(event)) if (progress is not None and is_main) else (lambda event: None)
     try:
         return _train(config, objective, folder, accelerator, say, emit, stop, bar)
@@ -1028,6 +1101,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
     from pipelines import load_pipeline
     from studio.plan import fit_budget
 
+    sources = {k: v for k, v in config.sources.items() if v != "set"}  # data.json: what the method table filled in
     config, accelerator = fit_budget(config, accelerator, say)  # --budget: before anything is loaded
     is_main = accelerator.is_main_process
     log_file = JsonlLog(folder.log)
@@ -1073,7 +1147,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
                 "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
                 "base_dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""),
                 "attention": pipe.attention_backend, "channels_last": bool(config.channels_last), "tf32": pipe.tf32,
-                "processes": accelerator.num_processes, **report}
+                "processes": accelerator.num_processes, "defaults": sources, **report}
         write_json(folder.path / "data.json", info)
         if start == 0:
             for skipped in report.get("skipped", []):

@@ -128,6 +128,43 @@ def memory_line(settings: dict, device=None) -> tuple:
     return text, fits
 
 
+def method_defaults(method, base=None, prompt=None) -> dict:
+    """The Train form's values from the method table (studio/defaults.py) for a method on a base's family, the
+    class prompt derived from the instance prompt, and a line saying where they come from."""
+    from studio import defaults
+
+    base = str(base or "embedded").strip()
+    family = defaults.family_of_base(base)
+    resolved = defaults.resolve(method, base, family)
+    values = {k: v for k, (v, _) in resolved.items()}
+    derived = defaults.class_prompts_for(prompt, base)
+    values["prior_preservation"] = bool(values["prior_preservation"] and derived)
+    values["class_prompt"] = "\n".join(derived)
+    shown = {"rank": "rank {}", "targets": "targets {}", "lr": "lr {:g}", "steps": "{} steps", "batch_size": "batch {}",
+             "class_images": "{} class images"}
+    by_source = {}
+    for name, (value, source) in resolved.items():
+        if name in shown and not (method == FULL and name in ("rank", "targets")):
+            by_source.setdefault(source, []).append(shown[name].format(value))
+    parts = [f"{', '.join(items)} ({source})" for source, items in by_source.items()]
+    if derived and values["prior_preservation"]:
+        parts.append(f"prior preservation on '{derived[0]}' (the prompt without '{defaults.find_identifier(prompt)}')"
+                     + (f" and the base's own {len(derived) - 1} prompts" if len(derived) > 1 else ""))
+    else:
+        parts.append("prior preservation off: no identifier token (sks, ohwx, ...) in the instance prompt to derive "
+                     "a class prompt from")
+    where = defaults.FAMILY_LABELS.get(family, "family unknown: generic values")
+    values["source"] = (f"**Defaults for {method} on {base}** ({where}): " + "; ".join(parts)
+                        + f". From the method table (studio/defaults.py, `studio train --show-defaults {method}`); "
+                          f"change a field to override it.")
+    return values
+
+
+def validation_prompt_lines(text) -> list:
+    """The Validation prompts box: one prompt per line (blank lines dropped)."""
+    return [line.strip() for line in str(text or "").splitlines() if line.strip()]
+
+
 def memory_settings(base, method, rank, targets, options, batch, accum, precision, checkpointing, prior) -> dict:
     """The Train form's fields that change a run's memory, as TrainConfig keys."""
     settings = {"base": str(base or "embedded").strip(), "method": method, "batch_size": int(batch or 1),
@@ -337,6 +374,8 @@ def build(ctx) -> TrainTab:
     worker = WorkerProcess(ctx.home)
     samples = library.sample_subjects()
     methods = method_names()
+    first_method = "lora" if "lora" in methods else methods[0]
+    initial = method_defaults(first_method, ctx.base, "a photo of sks bag")
     with gr.Row():
         with gr.Column(scale=2):
             gr.Markdown("### New training job")
@@ -360,28 +399,29 @@ def build(ctx) -> TrainTab:
                                     value="a photo of sks bag", elem_id="train-prompt")
             name = gr.Textbox(label="Job / adapter name (optional)", placeholder="e.g. my-bag", elem_id="train-name")
             with gr.Row():
-                method = gr.Dropdown(methods, value="lora" if "lora" in methods else methods[0], label="Method",
-                                     elem_id="train-method")
-                rank = gr.Number(label="Rank", value=4, precision=0, minimum=1, elem_id="train-rank")
+                method = gr.Dropdown(methods, value=first_method, label="Method", elem_id="train-method")
+                rank = gr.Number(label="Rank", value=initial["rank"], precision=0, minimum=1, elem_id="train-rank")
                 alpha = gr.Number(label="Alpha (0 = rank)", value=0, elem_id="train-alpha")
                 rslora = gr.Checkbox(label="rsLoRA scale: alpha / √rank (TLoRA's paper: alpha 1)", value=False,
                                      elem_id="train-rslora")
             options = gr.Textbox(label="Method options (key = value)", lines=2, elem_id="train-options", visible=False)
             with gr.Row():
-                steps = gr.Number(label="Steps", value=300, precision=0, minimum=1, elem_id="train-steps")
+                steps = gr.Number(label="Steps", value=initial["steps"], precision=0, minimum=1, elem_id="train-steps")
                 repeats = gr.Number(label="Repeats per epoch", value=1, precision=0, minimum=1, elem_id="train-repeats")
+            defaults_note = gr.Markdown(initial["source"], elem_id="train-defaults")
             plan = gr.Markdown(elem_id="train-plan")
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 with gr.Row():
-                    lr = gr.Number(label="Learning rate", value=1e-4, elem_id="train-lr")
-                    batch = gr.Number(label="Batch size", value=1, precision=0, minimum=1, elem_id="train-batch")
+                    lr = gr.Number(label="Learning rate", value=initial["lr"], elem_id="train-lr")
+                    batch = gr.Number(label="Batch size", value=initial["batch_size"], precision=0, minimum=1,
+                                      elem_id="train-batch")
                     accum = gr.Number(label="Gradient accumulation", value=1, precision=0, minimum=1, elem_id="train-accum")
                 with gr.Row():
                     schedule = gr.Dropdown(LR_SCHEDULES, value="constant", label="LR schedule", elem_id="train-schedule")
                     warmup = gr.Number(label="Warm-up steps", value=0, precision=0, minimum=0, elem_id="train-warmup")
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="train-seed")
                 with gr.Row():
-                    targets = gr.Textbox(label="Targets (attn, ff, conv, all; join with +)", value="attn",
+                    targets = gr.Textbox(label="Targets (attn, ff, conv, all; join with +)", value=initial["targets"],
                                          elem_id="train-targets")
                     precision = gr.Dropdown(PRECISIONS, value="auto", label="Mixed precision", elem_id="train-precision")
                 with gr.Row():
@@ -396,11 +436,16 @@ def build(ctx) -> TrainTab:
                                                 elem_id="train-grad-checkpointing")
                     flip = gr.Checkbox(label="Random flips", value=False, elem_id="train-flip")
                 with gr.Row():
-                    prior = gr.Checkbox(label="Prior preservation", value=False, elem_id="train-prior")
-                    class_prompt = gr.Textbox(label="Class prompt(s), one per line", value="a photo of a bag", lines=2,
-                                              elem_id="train-class-prompt")
-                    class_images = gr.Number(label="Class images per prompt", value=50, precision=0, minimum=1,
-                                             elem_id="train-class-images")
+                    prior = gr.Checkbox(label="Prior preservation", value=initial["prior_preservation"],
+                                        elem_id="train-prior")
+                    class_prompt = gr.Textbox(label="Class prompt(s), one per line (default: the instance prompt "
+                                                    "without its identifier token)", value=initial["class_prompt"],
+                                              lines=2, elem_id="train-class-prompt")
+                    class_images = gr.Number(label="Class images per prompt", value=initial["class_images"],
+                                             precision=0, minimum=1, elem_id="train-class-images")
+                validation_prompts = gr.Textbox(label="Validation prompts, one per line (empty: the instance prompt)",
+                                                lines=3, elem_id="train-validation-prompts",
+                                                placeholder="a photo of sks bag\na photo of sks bag on a beach")
             with gr.Row(equal_height=True):
                 start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=1)
                 memory = gr.Markdown("**Memory:** predicted when the settings change, and before a run starts.",
@@ -442,8 +487,29 @@ def build(ctx) -> TrainTab:
             opts = {}
         low_rank = method_v != FULL
         text = "\n".join(f"{k} = {json.dumps(v) if not isinstance(v, str) else v}" for k, v in opts.items())
-        return (gr.update(visible=low_rank), gr.update(visible=low_rank), gr.update(visible=low_rank),
-                gr.update(value=text, visible=bool(opts)), gr.update(visible=low_rank))
+        return (gr.update(visible=low_rank), gr.update(visible=low_rank), gr.update(value=text, visible=bool(opts)))
+
+    def on_defaults(kind_v, method_v, base_v, prompt_v):
+        """A method or base picked: the table's values for it into the form, and where they come from. A HiPA job
+        keeps its own defaults (studio.hipa.TRAIN_DEFAULTS): only the fields' visibility changes."""
+        low_rank = method_v != FULL
+        if kind_v == "hipa":
+            return (gr.update(visible=low_rank), gr.update(visible=low_rank), *[gr.skip()] * 6,
+                    "HiPA uses its own training defaults (studio/hipa.py) under the fields shown.")
+        try:
+            found = method_defaults(method_v, base_v or ctx.base, prompt_v)
+        except Exception as exc:  # noqa: BLE001 - a half-typed base: say so, keep the form
+            return (*[gr.skip()] * 8, f"**Defaults:** not read ({first_line(exc)})")
+        return (gr.update(value=found["rank"], visible=low_rank), gr.update(value=found["targets"], visible=low_rank),
+                found["lr"], found["steps"], found["batch_size"], found["prior_preservation"], found["class_prompt"],
+                found["class_images"], found["source"])
+
+    def on_prompt(prompt_v, base_v):
+        """The class prompts follow the instance prompt (its identifier token dropped; the base's own prompts)."""
+        from studio.defaults import class_prompts_for
+
+        derived = class_prompts_for(prompt_v, base_v or ctx.base)
+        return (gr.update(value=True), "\n".join(derived)) if derived else (gr.skip(), gr.skip())
 
     def on_plan(kind_v, source_v, sample_v, upload_v, steps_v, repeats_v, batch_v, accum_v, pairs_v):
         if kind_v == "hipa":
@@ -459,16 +525,20 @@ def build(ctx) -> TrainTab:
         except Exception as exc:  # noqa: BLE001 - a half-typed form: say so beside Start, never fail the page
             return f"**Memory:** not predicted ({first_line(exc)})"
 
-    def on_kind(kind_v):
+    def on_kind(kind_v, method_v, base_v):
         subject = kind_v != "hipa"
+        try:
+            steps_v = method_defaults(method_v, base_v or ctx.base)["steps"] if subject else HIPA_STEPS
+        except Exception:  # noqa: BLE001
+            steps_v = gr.skip()
         return (gr.update(visible=subject), gr.update(visible=not subject), gr.update(visible=subject),
-                gr.update(value=300 if subject else HIPA_STEPS))
+                gr.update(value=steps_v))
 
     def submit(base_v, source_v, sample_v, upload_v, prompt_v, name_v, method_v, rank_v, alpha_v, rslora_v, options_v,
                steps_v,
                repeats_v, lr_v, batch_v, accum_v, schedule_v, warmup_v, seed_v, targets_v, precision_v,
                validate_v, vsteps_v, ckpt_v, checkpointing_v, flip_v, prior_v, class_prompt_v, class_images_v, kind_v,
-               pairs_v):
+               pairs_v, validation_prompts_v=""):
         from studio.jobs import JobStore
 
         try:
@@ -496,6 +566,7 @@ def build(ctx) -> TrainTab:
                 "validate_every": int(validate_v), "validation_steps": int(vsteps_v),
                 "checkpoint_every": int(ckpt_v), "gradient_checkpointing": bool(checkpointing_v), "flip": bool(flip_v),
                 "prior_preservation": bool(prior_v), "quiet": True,
+                "validation_prompts": validation_prompt_lines(validation_prompts_v),
             }
             if method_v != FULL:
                 config.update(rank=int(rank_v), alpha=float(alpha_v) if alpha_v else None, rslora=bool(rslora_v),
@@ -610,8 +681,13 @@ def build(ctx) -> TrainTab:
         return [out[k] for k in ("job", "table", "status", "bar", "loss", "previews", "log")] + [seen_v], added
 
     source.change(on_source, inputs=[source], outputs=[sample, upload], queue=False)
-    method.change(on_method, inputs=[method], outputs=[rank, alpha, rslora, options, targets], queue=False)
-    kind.change(on_kind, inputs=[kind], outputs=[subject_box, hipa_box, repeats, steps], queue=False)
+    method.change(on_method, inputs=[method], outputs=[alpha, rslora, options], queue=False)
+    defaults_inputs = [kind, method, base, prompt]
+    defaults_outputs = [rank, targets, lr, steps, batch, prior, class_prompt, class_images, defaults_note]
+    for component in (method, base):
+        component.change(on_defaults, inputs=defaults_inputs, outputs=defaults_outputs, queue=False)
+    prompt.change(on_prompt, inputs=[prompt, base], outputs=[prior, class_prompt], queue=False)
+    kind.change(on_kind, inputs=[kind, method, base], outputs=[subject_box, hipa_box, repeats, steps], queue=False)
     plan_inputs = [kind, source, sample, upload, steps, repeats, batch, accum, pairs]
     for component in plan_inputs:
         component.change(on_plan, inputs=plan_inputs, outputs=[plan], queue=False)
@@ -621,7 +697,7 @@ def build(ctx) -> TrainTab:
                          show_progress="hidden", concurrency_id="memory")
     form = [base, source, sample, upload, prompt, name, method, rank, alpha, rslora, options, steps, repeats, lr, batch, accum,
             schedule, warmup, seed, targets, precision, validate_every, validation_steps, checkpoint_every,
-            checkpointing, flip, prior, class_prompt, class_images, kind, pairs]
+            checkpointing, flip, prior, class_prompt, class_images, kind, pairs, validation_prompts]
     start.click(submit, inputs=form, outputs=[job, submit_status], concurrency_id="jobs")
     stop.click(lambda j: act("stop", j), inputs=[job], outputs=[submit_status], concurrency_id="jobs")
     resume.click(lambda j: act("resume", j), inputs=[job], outputs=[submit_status], concurrency_id="jobs")
@@ -644,7 +720,7 @@ def build(ctx) -> TrainTab:
                    show_progress="hidden")
         demo.load(lambda j: poll(j, {}), inputs=[job], outputs=poll_outputs + lib.outputs, queue=False,
                   show_progress="hidden")
-        demo.load(on_method, inputs=[method], outputs=[rank, alpha, rslora, options, targets], queue=False)
+        demo.load(on_method, inputs=[method], outputs=[alpha, rslora, options], queue=False)
         demo.load(on_plan, inputs=plan_inputs, outputs=[plan], queue=False)
         demo.load(on_memory, inputs=memory_inputs, outputs=[memory], show_progress="hidden", concurrency_id="memory")
 

@@ -56,7 +56,7 @@ def _kill_when(proc, condition, deadline_s=240):
 def test_sigkill_at_random_moments_loses_nothing(tiny_sd_dir, tmp_path):
     subject = _subject(tmp_path / "subject")
     settings = dict(base=str(tiny_sd_dir), images=str(subject), prompt="a photo of sks bag", method="lora", rank=2,
-                    steps=12, lr=1e-3, validate_every=0, validation_seeds=[], checkpoint_every=1, keep_checkpoints=2,
+                    batch_size=1, prior_preservation=False, steps=12, lr=1e-3, validate_every=0, validation_seeds=[], checkpoint_every=1, keep_checkpoints=2,
                     device="cpu", quiet=True, cpu_threads=1)
     home = tmp_path / "home"
     store = JobStore(home)

@@ -247,7 +247,7 @@ def test_model_card_after_a_real_run(tmp_path, tiny_sd_dir, make_subject):
     from studio.train import TrainConfig, train
 
     config = TrainConfig(base=str(tiny_sd_dir), images=str(make_subject(2, 0)), prompt="a photo of sks bag",
-                         method="loldu", rank=2, steps=2, validate_every=0, validation_steps=2, device="cpu", quiet=True,
+                         method="loldu", rank=2, steps=2, batch_size=1, prior_preservation=False, validate_every=0, validation_steps=2, device="cpu", quiet=True,
                          out=str(tmp_path / "run"))
     run = Path(train(config))
     card = write_model_card(run / "adapter", config, run)

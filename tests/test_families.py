@@ -142,7 +142,7 @@ def test_every_method_trains_on_every_family(folders, subject, tmp_path, name, m
 
     lr = {"full": 2e-4}.get(method, 1e-2)
     run = train(dict(base=str(folders[name]), images=str(subject), prompt="a photo of sks bag", method=method, rank=2,
-                     steps=20, lr=lr, validate_every=0, validation_seeds=[], checkpoint_every=0, device="cpu",
+                     steps=20, lr=lr, batch_size=1, prior_preservation=False, validate_every=0, validation_seeds=[], checkpoint_every=0, device="cpu",
                      quiet=True, resolution=32, seed=0, out=str(tmp_path / "run")))
     pipe = load_pipeline(str(folders[name]), device="cpu")
     family = fam(pipe)
@@ -170,7 +170,7 @@ def test_the_command_line_generates_and_trains_every_family(folders, subject, tm
     assert Image.open(image).size == (32, 32)
     run = tmp_path / "run"
     assert main(["train", "--base", str(folders[name]), "--images", str(subject), "--prompt", "a photo of sks bag",
-                 "--method", "lora", "--steps", "2", "--resolution", "32", "--validate-every", "0",
+                 "--method", "lora", "--steps", "2", "--batch-size", "1", "--no-prior-preservation", "--resolution", "32", "--validate-every", "0",
                  "--validation-steps", "2", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000", "step-000000.png", "step-000002",
@@ -187,7 +187,8 @@ def test_what_training_sampled_is_what_generate_draws_from_the_saved_result(fold
     from studio.generate import apply_adapters
 
     run = train(dict(base=str(folders[name]), images=str(subject), prompt="a photo of sks bag", method=method, rank=2,
-                     steps=4, lr=1e-2 if method != "full" else 1e-3, validate_every=0, validation_seeds=[3],
+                     steps=4, lr=1e-2 if method != "full" else 1e-3, batch_size=1, prior_preservation=False,
+                     validate_every=0, validation_seeds=[3],
                      validation_steps=2, checkpoint_every=0, device="cpu", quiet=True, resolution=32,
                      out=str(tmp_path / "run")))
     pipe = load_pipeline(str(folders[name]), device="cpu")
@@ -208,7 +209,7 @@ def test_sara_on_every_tensor_of_a_dit_keeps_its_family(folders, subject, tmp_pa
     """SaRA on "all" parametrizes the transformer's own root tensors (PixArt's scale_shift_table), which
     renames its class; the family must still be found for validation samples and the result."""
     run = train(dict(base=str(folders["pixart"]), images=str(subject), prompt="a photo of sks bag", method="sara",
-                     targets="all", steps=2, validate_every=0, validation_seeds=[0], validation_steps=2,
+                     targets="all", steps=2, batch_size=1, prior_preservation=False, validate_every=0, validation_seeds=[0], validation_steps=2,
                      checkpoint_every=0, device="cpu", quiet=True, resolution=32, out=str(tmp_path / "run")))
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "samples" / "step-000002" / "p0-seed0.png").is_file()

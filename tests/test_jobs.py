@@ -21,7 +21,7 @@ def subject(make_subject):
 
 def _settings(tiny_sd_dir, subject, **extra):
     return {"base": str(tiny_sd_dir), "images": str(subject), "prompt": "a photo of sks bag", "rank": 2, "steps": 4,
-            "checkpoint_every": 2, "validate_every": 0, "validation_seeds": [], "device": "cpu", "quiet": True, **extra}
+            "batch_size": 1, "prior_preservation": False, "checkpoint_every": 2, "validate_every": 0, "validation_seeds": [], "device": "cpu", "quiet": True, **extra}
 
 
 def test_queue_states_and_cancel(tmp_path, tiny_sd_dir, subject):

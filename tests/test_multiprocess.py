@@ -24,7 +24,7 @@ def subject(tmp_path):
 def _train(launcher, base, images, out, batch, *extra):
     args = ["-m", "studio", "train", "--base", str(base), "--images", str(images), "--prompt", "a photo of sks bag",
             "--method", "lora", "--rank", "2", "--steps", "4", "--batch-size", str(batch), "--lr", "1e-2",
-            "--validate-every", "0", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--seed", "0", "--quiet",
+            "--no-prior-preservation", "--validate-every", "0", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--seed", "0", "--quiet",
             "--out", str(out), *extra]
     done = subprocess.run(launcher + args, check=True, capture_output=True, text=True, timeout=600)
     return load_file(Path(out) / "adapter" / "adapter_model.safetensors"), done.stdout + done.stderr

@@ -119,7 +119,8 @@ def test_training_in_bf16_with_channels_last_and_sdpa(method, tiny_sd_dir, make_
     images = make_subject(2, seed=3)
     options = {"adapter_options": {"fraction": 0.05}} if method == "sara" else {}
     config = TrainConfig(base=str(tiny_sd_dir), images=str(images), prompt="a photo of sks bag", method=method,
-                         targets="attn+conv", rank=2, steps=2, lr=1e-3, mixed_precision="bf16", channels_last=True,
+                         targets="attn+conv", rank=2, steps=2, lr=1e-3, batch_size=1, prior_preservation=False,
+                         mixed_precision="bf16", channels_last=True,
                          attention="sdpa", validate_every=0, validation_steps=2, checkpoint_every=0, quiet=True,
                          out=str(tmp_path / "run"), **options)
     folder = train(config)
@@ -192,7 +193,8 @@ def test_cuda_training_in_bf16_with_channels_last(method, tiny_sd_dir, make_subj
 
     options = {"adapter_options": {"fraction": 0.05}} if method == "sara" else {}
     config = TrainConfig(base=str(tiny_sd_dir), images=str(make_subject(2, seed=3)), prompt="a photo of sks bag",
-                         method=method, targets="attn+conv", rank=2, steps=2, lr=1e-3, device="cuda",
+                         method=method, targets="attn+conv", rank=2, steps=2, lr=1e-3, batch_size=1,
+                         prior_preservation=False, device="cuda",
                          mixed_precision="bf16", channels_last=True, validate_every=0, validation_steps=2,
                          checkpoint_every=0, quiet=True, out=str(tmp_path / "run"), **options)
     info = json.loads((train(config) / "data.json").read_text())

@@ -31,8 +31,8 @@ def subject(make_subject):
 
 def _config(tiny_sd_dir, subject, out, **extra):
     settings = dict(base=str(tiny_sd_dir), images=str(subject), prompt="a photo of sks bag", method="lora", rank=2,
-                    steps=6, lr=1e-3, validate_every=0, validation_seeds=[], checkpoint_every=2, device="cpu",
-                    quiet=True, out=str(out))
+                    steps=6, lr=1e-3, batch_size=1, prior_preservation=False, validate_every=0, validation_seeds=[],
+                    checkpoint_every=2, device="cpu", quiet=True, out=str(out))
     settings.update(extra)
     return settings
 
@@ -82,6 +82,8 @@ def test_sigkill_then_resume_is_bitwise_identical(base, subject, tmp_path, reque
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + key.replace("_", "-"))
         elif isinstance(value, list):
             continue  # validation_seeds=[]: set through the YAML below
         else:
@@ -211,7 +213,7 @@ def test_method_hooks_skip_updates_and_keep_state_across_resume(tiny_sd_dir, sub
 def test_cli_yaml_config_and_flags(tiny_sd_dir, subject, tmp_path, capsys):
     config = tmp_path / "train.yaml"
     config.write_text(f"base: {tiny_sd_dir}\nimages: {subject}\nprompt: a photo of sks bag\nsteps: 2\nrank: 2\n"
-                      f"validation_seeds: []\ndevice: cpu\nadapter_options: {{}}\n")
+                      f"validation_seeds: []\ndevice: cpu\nadapter_options: {{}}\nprior_preservation: false\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--steps", "1", "--lr", "0.002", "--no-quiet", "--out", str(out)]) == 0
     import yaml

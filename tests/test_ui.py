@@ -200,3 +200,25 @@ def test_generate_form_to_run_generate_arguments(tmp_path):
         form(prompt="  ")
     with pytest.raises(ValueError, match="no adapter 'nope'"):
         form(slots=[("nope", 1.0)])
+
+
+def test_train_tab_fills_the_method_tables_values(tmp_path):
+    """Picking a method (or base) fills the form from studio/defaults.py, family included, and says from where."""
+    from studio import defaults
+    from studio.ui_train import method_defaults, validation_prompt_lines
+
+    for method, base in (("lora", "embedded"), ("loldu", "embedded"), ("loldu", "embedded-dit"), ("tlora", "embedded-dit"),
+                         ("full", "embedded")):
+        found = method_defaults(method, base, "a photo of sks bag")
+        table = defaults.values(method, base)
+        assert {k: found[k] for k in ("rank", "targets", "lr", "steps", "batch_size", "class_images")} == \
+            {k: table[k] for k in ("rank", "targets", "lr", "steps", "batch_size", "class_images")}
+        assert found["prior_preservation"] is True
+        assert found["class_prompt"].splitlines() == defaults.class_prompts_for("a photo of sks bag", base)
+        assert found["class_prompt"].splitlines()[0] == "a photo of a bag"
+        assert f"`studio train --show-defaults {method}`" in found["source"]
+    dit = method_defaults("tlora", "embedded-dit", "a photo of sks bag")["source"]
+    assert "targets attn+ff, 400 steps (dit family default (tlora))" in dit and "DiT" in dit
+    plain = method_defaults("lora", "embedded", "a photo of a bag")
+    assert plain["prior_preservation"] is False and "no identifier token" in plain["source"]
+    assert validation_prompt_lines("a photo of sks bag\n\n  on a beach  \n") == ["a photo of sks bag", "on a beach"]

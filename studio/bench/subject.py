@@ -11,7 +11,15 @@ Prior preservation (on by default, --prior N): every run also trains on N images
 that the base model generated itself (made once, up front, shared by all methods). Without it every method
 that learns the subject also drifts the other prompts toward it. Evaluation seeds start at --eval-seed, clear
 of every seed used for training, class images or validation samples.
+
+--defaults measures what a new user gets (issue #22): each method is trained by `studio train --base B --images I
+--prompt "a photo of sks bag" --method M` (+ --out, --cpu-threads, --quiet) and nothing else, so every other
+setting, prior preservation on the derived class prompt included, comes from the defaults table
+(studio/defaults.py). Subject = share of the prompt's own images classified as the held-out class; prior = prompt
+accuracy on the 9 pretrained class prompts, against the base's; a row meets the target (TARGET) with subject >= 0.8,
+prior within 5 points and a wall time <= 10 minutes.
 """
+import json
 import os
 import subprocess
 import sys
@@ -20,23 +28,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ALL_METHODS = ["lora", "dora", "loldu", "flora", "sara", "tlora", "full"]
-# Per-method settings tuned on this benchmark (docs/training.md has what was tried); --steps and
-# --set METHOD.KEY=VALUE override them. Every run uses prior preservation unless --prior 0.
-METHOD_DEFAULTS = {
-    "lora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
-    "dora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
-    "loldu": {"rank": 64, "lr": 2e-3, "targets": "attn+conv", "steps": 1000},
-    "flora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
-    "tlora": {"rank": 4, "lr": 3e-3, "targets": "attn", "steps": 600},
-    "sara": {"rank": 4, "lr": 3e-3, "targets": "all", "steps": 600},
-    "full": {"lr": 1e-4, "steps": 300},
-}
-# DiT denoisers (the embedded PixArt-style DiT) hold no convolutions, so "attn+conv" is attention alone there:
-# LoLDU and TLoRA take the MLPs instead (tuned on embedded-dit, 2026-11-29; docs/training.md).
-DIT_DEFAULTS = {
-    "loldu": {"targets": "attn+ff", "steps": 600},
-    "tlora": {"targets": "attn+ff", "steps": 400},
-}
+# The per-method settings tuned on this benchmark live in ONE table, studio/defaults.py, which `studio train`,
+# YAML configs, TrainConfig and the Train tab read too (docs/training.md has what was tried); --steps and
+# --set METHOD.KEY=VALUE override them here. Every run uses prior preservation on the 9 pretrained class
+# prompts unless --prior 0.
+DEFAULTS_PROMPT = "a photo of sks bag"  # issue #22: what a new user types
+TRAINING_KEYS = ("rank", "targets", "lr", "steps", "batch_size")  # the table's fields this protocol takes
+# (its own prior preservation replaces the table's derived class prompt)
+
+
+def method_settings(method: str, dit: bool) -> dict:
+    """The table's training settings for a method on the UNet or the DiT family."""
+    from studio.defaults import values
+
+    settings = values(method, family="dit" if dit else "unet")
+    return {k: settings[k] for k in TRAINING_KEYS if not (method == "full" and k in ("rank", "targets"))}
 
 
 def add_arguments(p):
@@ -46,8 +52,14 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=None, help="training steps for every method (default: each method's own)")
     p.add_argument("--base", default="embedded")
     p.add_argument("--images", default=None, help=f"subject folder (default: assets/subjects/{HELD_OUT})")
-    p.add_argument("--prompt", default=prompt_for(HELD_OUT), help="instance prompt = the evaluated subject prompt")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt", default=None, help=f"instance prompt = the evaluated subject prompt (default: "
+                                                  f"'{prompt_for(HELD_OUT)}'; with --defaults '{DEFAULTS_PROMPT}')")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the method table's (studio/defaults.py)")
+    p.add_argument("--defaults", action="store_true",
+                   help="measure what a new user gets: each method trained by `studio train` with ONLY --base "
+                        "--images --prompt --method (+ --out, --cpu-threads, --quiet), every other setting from the "
+                        "method table; scores the --prompt images (subject) and the 9 pretrained class prompts "
+                        "(prior, against the base's). Use with --prompt 'a photo of sks bag'")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a training setting for one method (or all.KEY=VALUE)")
     p.add_argument("--per-class", type=int, default=20, help="evaluation images per class prompt")
@@ -148,7 +160,7 @@ def _curve(run_dir: Path, evaluator, class_name) -> list:
 
     losses = [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r]
     points, previous = [], 0
-    for folder in sorted((run_dir / "samples").glob("step-*")):
+    for folder in sorted(p for p in (run_dir / "samples").glob("step-*") if p.is_dir()):  # not the grids
         step = int(folder.name[5:])
         images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
         window = [loss for s, loss in losses if previous < s <= step]
@@ -158,7 +170,7 @@ def _curve(run_dir: Path, evaluator, class_name) -> list:
     return points
 
 
-def _evaluate(args, method, run_dir, evaluate_base):
+def _evaluate(args, method, run_dir, evaluate_base, keep_pipe=False):
     """Score the fine-tuned model: all 10 class prompts, the held-out one being the subject prompt."""
     from pipelines import load_pipeline
 
@@ -174,7 +186,105 @@ def _evaluate(args, method, run_dir, evaluate_base):
         from adapters import load_adapter
 
         load_adapter(family.denoiser, run_dir / "adapter", name="subject")
-    return evaluate_base(args.base, per_class=args.per_class, pipe=pipe, device=args.device, seed=args.eval_seed)
+    scores = evaluate_base(args.base, per_class=args.per_class, pipe=pipe, device=args.device, seed=args.eval_seed)
+    return (scores, pipe) if keep_pipe else scores
+
+
+def subject_accuracy(pipe, base, prompt, per_class, seed, evaluator) -> float:
+    """Share of `per_class` images of `prompt` the evaluator calls the held-out class, on the seeds
+    evaluate_base gives the held-out class's own prompt (so the two are comparable)."""
+    from pipelines.text2image import GenerationSettings, generate_from
+    from studio.evaluate import default_sampling
+    from studio.fashion import CLASSES, HELD_OUT
+
+    sampling = default_sampling(base)
+    settings = GenerationSettings(prompt=prompt, steps=25, guidance=float(sampling.get("guidance", 2.0)),
+                                  seed=int(seed) + 1000 * CLASSES.index(HELD_OUT), num_images=int(per_class))
+    return float(evaluator.prompt_accuracy(generate_from(pipe, settings), HELD_OUT))
+
+
+def _train_command(argv: list, folder: Path) -> dict:
+    """`python -m studio train ARGV` in a fresh process (its own wall time); its output kept in FOLDER.log."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    began = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "studio", "train", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    seconds = round(time.perf_counter() - began, 1)
+    folder.with_suffix(".log").write_text((proc.stdout or "") + (proc.stderr or ""))
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": tail[0], "wall_seconds": seconds}
+    lines = (proc.stdout or "").splitlines()
+    return {"wall_seconds": seconds, "defaults_line": next((l for l in lines if l.startswith("defaults for ")), None)}
+
+
+TARGET = {"subject": 0.8, "prior_points": 5, "wall_seconds": 600}  # issue #22's Number
+
+
+def run_defaults(args):
+    """--defaults: `studio train` with only --base --images --prompt --method, as a new user runs it."""
+    import torch
+    import yaml
+
+    from studio.evaluate import evaluate_base, load_evaluator
+    from studio.files import read_jsonl
+    from studio.generate import get_pipeline
+    from studio.train import run_status
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("name at least one method with --methods")
+    if args.set or args.steps or args.batch_size:
+        raise ValueError("--defaults measures the method table as it is: leave out --set, --steps and --batch-size")
+    torch.set_num_threads(args.threads)
+    images = _subject_folder(args)
+    work = Path(args.work) if args.work else (Path(args.json).resolve().parent if args.json else Path.cwd()) / "subject-runs"
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    evaluator = load_evaluator()
+    base = evaluate_base(args.base, per_class=args.per_class, device=args.device, seed=args.eval_seed)
+    base_subject = subject_accuracy(get_pipeline(args.base, device=args.device), args.base, args.prompt,
+                                    args.per_class, args.eval_seed, evaluator)
+    rows = [{"method": "base (no fine-tuning)", "subject_accuracy": round(base_subject, 3),
+             "prior_accuracy": round(base["prompt_accuracy"], 3), "prior_delta": 0.0, "fd": round(base["fd"], 3)}]
+    details = {"base": base, "protocol": "defaults", "target": TARGET}
+    curves = {}
+    for method in methods:
+        run_dir = work / f"{stamp}-{method}"
+        argv = ["--base", str(args.base), "--images", str(images), "--prompt", args.prompt, "--method", method,
+                "--out", str(run_dir), "--cpu-threads", str(args.threads), "--quiet"]
+        if args.device != "cpu":
+            argv += ["--device", args.device]
+        print(f"[subject] {method}: studio train {' '.join(argv)}", file=sys.stderr, flush=True)
+        outcome = _train_command(argv, run_dir)
+        if "error" in outcome:
+            rows.append({"method": method, "error": outcome["error"], "wall_seconds": outcome["wall_seconds"]})
+            _save(args, rows, curves, details, images)
+            continue
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        status = run_status(run_dir)
+        print(f"[subject] {method}: evaluating", file=sys.stderr, flush=True)
+        scores, pipe = _evaluate(args, method, run_dir, evaluate_base, keep_pipe=True)
+        subject = subject_accuracy(pipe, args.base, args.prompt, args.per_class, args.eval_seed, evaluator)
+        curves[method] = _curve(run_dir, evaluator, "bag")
+        delta = scores["prompt_accuracy"] - base["prompt_accuracy"]
+        meets = (subject >= TARGET["subject"] and delta >= -TARGET["prior_points"] / 100
+                 and outcome["wall_seconds"] <= TARGET["wall_seconds"])
+        details[method] = {"argv": argv, "config": config, "status": status, "eval": scores,
+                           "defaults_line": outcome.get("defaults_line"),
+                           "defaults": json.loads((run_dir / "data.json").read_text()).get("defaults")}
+        peak = max((r.get("peak_mem_mb") or 0 for r in read_jsonl(run_dir / "log.jsonl")), default=None)
+        rows.append({"method": method, "steps": config["steps"], "lr": config["lr"],
+                     "rank": config["rank"] if method != "full" else None, "targets": config["targets"] if method != "full" else None,
+                     "batch_size": config["batch_size"], "class_prompt": "; ".join(config["class_prompt"]),
+                     "class_images": config["class_images"] if config["prior_preservation"] else 0,
+                     "trainable_params": status.get("trainable_params"), "wall_seconds": outcome["wall_seconds"],
+                     "train_seconds": status.get("seconds"), "peak_mem_mb": peak,
+                     "subject_accuracy": round(subject, 3), "prior_accuracy": round(scores["prompt_accuracy"], 3),
+                     "prior_delta": round(delta, 3), "fd": round(scores["fd"], 3),
+                     "class_prompt_accuracy": round(scores["held_out_accuracy"], 3), "meets_target": meets})
+        _save(args, rows, curves, details, images)
+    return _result(args, rows, curves, details, images)
 
 
 def run(args):
@@ -185,6 +295,12 @@ def run(args):
 
     from adapters import METHODS
 
+    if args.prompt is None:
+        from studio.fashion import HELD_OUT, prompt_for
+
+        args.prompt = DEFAULTS_PROMPT if args.defaults else prompt_for(HELD_OUT)
+    if args.defaults:
+        return run_defaults(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("name at least one method with --methods")
@@ -215,12 +331,12 @@ def run(args):
             rows.append({"method": method, "error": "not available in adapters.METHODS yet"})
             continue
         run_dir = work / f"{stamp}-{method}"
-        settings = {**METHOD_DEFAULTS.get(method, {}), **(DIT_DEFAULTS.get(method, {}) if dit else {}),
+        settings = {**method_settings(method, dit), **({"batch_size": args.batch_size} if args.batch_size else {}),
                     **({"steps": args.steps} if args.steps else {}),
                     **overrides.get("all", {}), **overrides.get(method, {})}
         steps = int(settings.setdefault("steps", 300))
         config = {"base": args.base, "images": str(images), "prompt": args.prompt, "method": method,
-                  "batch_size": args.batch_size, "device": args.device, "out": str(run_dir),
+                  "device": args.device, "out": str(run_dir), "prior_preservation": False,
                   "validate_every": args.curve_every or max(1, steps // 4), "validation_prompts": [args.prompt],
                   "validation_seeds": list(range(args.curve_images)),
                   "validation_steps": int(sampling.get("steps", 25)),
@@ -262,9 +378,14 @@ def _save(args, rows, curves, details, images):
 
 
 def _result(args, rows, curves, details, images) -> dict:
-    columns = ["method", "steps", "lr", "trainable_params", "adapter_bytes", "wall_seconds", "peak_mem_mb", "subject_accuracy",
-               "prior_accuracy", "prior_delta", "fd", "error"]
-    return {"rows": rows, "columns": columns, "curves": curves, "details": details, "prior_images": args.prior,
+    if details.get("protocol") == "defaults":
+        columns = ["method", "steps", "lr", "rank", "targets", "batch_size", "class_prompt", "class_images",
+                   "trainable_params", "wall_seconds", "subject_accuracy", "prior_accuracy", "prior_delta", "fd",
+                   "meets_target", "error"]
+    else:
+        columns = ["method", "steps", "lr", "trainable_params", "adapter_bytes", "wall_seconds", "peak_mem_mb",
+                   "subject_accuracy", "prior_accuracy", "prior_delta", "fd", "error"]
+    return {"rows": rows, "columns": columns, "curves": curves, "details": details, "prior_images": None if details.get("protocol") == "defaults" else args.prior,
             "subject_prompt": args.prompt, "per_class": args.per_class, "images": str(images),
             "notes": ("subject_accuracy = share of subject-prompt images the evaluator calls the held-out class; "
                       "prior_accuracy = prompt accuracy on the 9 pretrained classes (delta vs the base model); "

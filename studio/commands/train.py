@@ -20,14 +20,21 @@ def add_config_arguments(p):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kind = f.metadata.get("kind") or type(default)
+        if f.metadata.get("table"):
+            shown = "the method table: studio train --show-defaults METHOD"
+        elif f.name == "class_prompt":
+            shown = "derived from --prompt"
+        else:
+            shown = default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
         if f.metadata.get("kv"):
             p.add_argument("--option", dest=f.name, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                            help=help_text)
-        elif isinstance(default, bool):
+        elif kind is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
-        elif isinstance(default, list):
+        elif kind is list:
             p.add_argument(flag, dest=f.name, nargs="+", type=f.metadata.get("item", str), default=argparse.SUPPRESS,
                            help=help_text)
         else:
@@ -67,12 +74,36 @@ def config_from_args(args) -> dict:
 
 
 def add_arguments(p):
+    p.add_argument("--show-defaults", nargs="?", const="all", default=None, metavar="METHOD",
+                   help="print the per-method (and per-family) defaults table and exit; with --base, that base's "
+                        "values and where each comes from")
     add_config_arguments(p)
+
+
+def show_defaults(args) -> str:
+    from studio import defaults
+
+    method = args.show_defaults
+    if method != "all" and method not in defaults.METHODS:
+        from adapters.registry import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(defaults.METHODS)}")
+    if getattr(args, "base", None) and method != "all":
+        return defaults.describe(method, args.base)
+    text = defaults.format_table(None if method == "all" else [method])
+    return (text + "\n\nrank, targets, lr, steps, batch-size, prior-preservation and class-images left out take these "
+                   "values (the base's family: unet or dit, read from its model_index.json; unknown families take "
+                   "the unet row); the class prompt is --prompt without its identifier token (sks, ohwx, ...). "
+                   "Any flag or YAML key overrides them.")
 
 
 def run(args):
     from studio.train import TrainConfig, run_status, train
 
+    if args.show_defaults:
+        print(show_defaults(args))
+        return 0
     config = TrainConfig.from_dict(config_from_args(args))
     run_dir = train(config)
     status = run_status(run_dir)
