@@ -38,6 +38,11 @@ FAMILIES = {
     "dit": {"loldu": {"targets": "attn+ff", "steps": 600}, "tlora": {"targets": "attn+ff", "steps": 400}},
 }
 FAMILY_LABELS = {"unet": "UNet (SD1.x/2.x, SDXL)", "dit": "DiT (PixArt, SD3, Flux)"}
+# The table above was tuned on the studio's own small models. A real checkpoint (any base without a studio.json:
+# SD1.5, SDXL, SD3, Flux) gets the learning rate and batch of diffusers' DreamBooth LoRA scripts instead: 3e-3 on
+# a billion-parameter denoiser overshoots, and batch 4 at 1024 px is what most GPUs cannot hold.
+CHECKPOINT = {"lr": 1e-4, "batch_size": 1}
+CHECKPOINT_METHODS = {"full": {"lr": 5e-6}}  # full fine-tuning: the DreamBooth script's rate
 # The TrainConfig fields whose default comes from this table (None there means "the table's value").
 FIELDS = tuple(GENERIC)
 # A base that lists the concepts it knows (studio.json "prior_prompts", or the classes `studio pretrain` trained
@@ -120,6 +125,13 @@ def _folder_of(base) -> Path | None:
     return path if path.is_dir() else None
 
 
+def studio_trained(base) -> bool:
+    """Whether the base is one of the studio's own small models (a folder with a studio.json): the table's values
+    were tuned on those."""
+    folder = _folder_of(base)
+    return folder is not None and (folder / "studio.json").is_file()
+
+
 def class_prompts_for(prompt, base=None, identifier=None) -> list:
     """The default class prompts: the prompt without its identifier, then the base's own prompts (base_prompts).
     Empty without an identifier."""
@@ -137,8 +149,13 @@ def resolve(method, base=None, family="auto") -> dict:
     own, fam = METHODS.get(method, {}), FAMILIES.get(family or "", {}).get(method, {})
     out = {}
     listed = len(base_prompts(base)) if base is not None else 0
+    checkpoint = {**CHECKPOINT, **CHECKPOINT_METHODS.get(method, {})} if base is not None and not studio_trained(base) \
+        else {}
     for name, value in GENERIC.items():
-        if name == "class_images" and listed:
+        if name in checkpoint:
+            out[name] = (checkpoint[name], "checkpoint default (a base the studio did not train: diffusers' "
+                                           "DreamBooth scripts' value)")
+        elif name == "class_images" and listed:
             out[name] = (BASE_PROMPT_CLASS_IMAGES, f"base default: {BASE_PROMPT_CLASS_IMAGES} per prompt, the base "
                                                    f"lists {listed} prompts of its own")
         elif name in fam:

@@ -13,14 +13,28 @@ from studio.train import TrainConfig, run_status, train
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _folder(tmp_path, name, slot):
-    """A base folder as far as the table looks: model_index.json alone (no weights are read)."""
+def _folder(tmp_path, name, slot, studio_trained=True):
+    """A base folder as far as the table looks: model_index.json (no weights are read), and the studio.json a
+    model of the studio's own carries (the table's tuned values are for those)."""
     folder = tmp_path / name
     folder.mkdir()
     cls = {"unet": "UNet2DConditionModel", "transformer": "PixArtTransformer2DModel"}[slot]
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "X", slot: ["diffusers", cls],
                                                          "vae": ["diffusers", "AutoencoderKL"]}))
+    if studio_trained:
+        (folder / "studio.json").write_text("{}")
     return str(folder)
+
+
+def test_a_real_checkpoint_gets_the_diffusers_scripts_rate_and_batch(tmp_path):
+    sdxl = _folder(tmp_path, "sdxl", "unet", studio_trained=False)
+    common = dict(images="x", prompt="a photo of sks bag", out="o")
+    c = TrainConfig(base=sdxl, method="lora", **common)
+    assert (c.lr, c.batch_size) == (1e-4, 1) and c.sources["lr"].startswith("checkpoint default")
+    assert (c.rank, c.steps) == (defaults.GENERIC["rank"], defaults.GENERIC["steps"])  # the rest of the table
+    assert TrainConfig(base=sdxl, method="full", **common).lr == 5e-6
+    assert TrainConfig(base=sdxl, method="lora", lr=3e-4, **common).lr == 3e-4  # a flag still wins
+    assert TrainConfig(base="embedded", method="lora", **common).lr == defaults.GENERIC["lr"]  # the tuned value
 
 
 def test_resolution_order_flag_then_family_then_method_then_generic(tmp_path):
@@ -114,7 +128,9 @@ def test_config_yaml_holds_the_effective_values_and_resume_compares_them(tiny_sd
     assert main(argv) == 0
     printed = capsys.readouterr().out
     line = next(l for l in printed.splitlines() if l.startswith("defaults for lora:"))
-    assert "lr 0.003" in line and "batch-size 4" in line and "class-prompt a photo of a bag (derived from the prompt)" in line
+    # a tiny diffusers folder, not a studio-trained base: the checkpoint rate and batch, the rest from the table
+    assert "lr 0.0001, batch-size 1 (checkpoint default" in line
+    assert "class-prompt a photo of a bag (derived from the prompt)" in line
     saved = yaml.safe_load((out / "config.yaml").read_text())
     expected = defaults.values("lora", str(tiny_sd_dir))
     for key in ("rank", "targets", "lr", "batch_size"):
@@ -122,13 +138,14 @@ def test_config_yaml_holds_the_effective_values_and_resume_compares_them(tiny_sd
     assert saved["prior_preservation"] is True and saved["class_prompt"] == ["a photo of a bag"]
     assert saved["identifier"] == "sks" and saved["steps"] == 2 and saved["class_images"] == 2
     data = json.loads((out / "data.json").read_text())
-    assert data["defaults"]["lr"] == "generic default" and "steps" not in data["defaults"]
-    assert data["class_prompt"] == ["a photo of a bag"] and data["plan"]["batch_size"] == 4
+    assert data["defaults"]["lr"].startswith("checkpoint default") and "steps" not in data["defaults"]
+    assert data["defaults"]["rank"] == "generic default"
+    assert data["class_prompt"] == ["a photo of a bag"] and data["plan"]["batch_size"] == 1
     # the same command resumes: its defaults resolve to what config.yaml holds
     assert main(argv + ["--resume"]) == 0
     # an explicit flag that differs from the recorded default is a change
     assert main(argv + ["--resume", "--lr", "0.01"]) == 2
-    assert "lr: 0.003 -> 0.01" in capsys.readouterr().err
+    assert "lr: 0.0001 -> 0.01" in capsys.readouterr().err
     # so is a new table: the run compares effective values, not what was typed
     monkeypatch.setitem(defaults.GENERIC, "rank", 8)
     assert main(argv + ["--resume"]) == 2
@@ -144,7 +161,7 @@ def test_python_door_and_yaml_get_the_same_defaults(tiny_sd_dir, tmp_path):
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--out", "o"])
     from_yaml = TrainConfig.from_dict(config_from_args(args))
     direct = TrainConfig(base=str(tiny_sd_dir), images="x", prompt="a photo of sks bag", method="sara", out="o")
-    assert from_yaml == direct and direct.targets == "all" and direct.lr == defaults.GENERIC["lr"]
+    assert from_yaml == direct and direct.targets == "all" and direct.lr == defaults.CHECKPOINT["lr"]
     assert TrainConfig.from_dict(direct.to_dict()) == direct  # a recorded config loads back as itself
 
 
