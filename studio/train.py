@@ -977,7 +977,12 @@ def make_schedule(config: TrainConfig, optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
 
 
+# What a run recorded before a setting existed trained with: an older config.yaml without "buckets" cropped squares.
+RECORDED_BEFORE = {"buckets": False}
+
+
 def config_differences(saved: dict, new: dict) -> list:
+    saved = {**RECORDED_BEFORE, **saved}
     keys = sorted((set(saved) | set(new)) - RESUME_FREE)
     return [k for k in keys if saved.get(k) != new.get(k)]
 

@@ -564,3 +564,11 @@ def test_no_buckets_and_no_cache_from_flags(tiny_sd_dir, framed, tmp_path):
     assert list(data["buckets"]) == ["32x32"] and len(data["buckets"]["32x32"]) == 4  # all centre-cropped squares
     assert data["cache"]["dir"] is None and data["cache"]["latents_encoded"] == 4
     assert not list(Path(os.environ["STUDIO_CACHE"]).rglob("*.safetensors"))  # nothing written anywhere
+
+
+def test_a_config_recorded_before_buckets_existed_reads_as_square_crops():
+    from studio.train import config_differences
+
+    new = {"steps": 5, "buckets": True}
+    assert config_differences({"steps": 5}, new) == ["buckets"]  # it trained on squares: resuming with buckets changes it
+    assert config_differences({"steps": 5}, {**new, "buckets": False}) == []
