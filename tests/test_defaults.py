@@ -173,7 +173,7 @@ def test_cli_help_and_show_defaults(capsys):
     assert text.count("the method table: studio train --show-defaults METHOD") >= 6
     assert main(["train", "--show-defaults"]) == 0
     table = capsys.readouterr().out
-    assert "| loldu | dit | 64 | attn+ff | 0.002 | 600 |" in table and "| full | unet |" in table
+    assert "| loldu | dit | 64 | attn+ff | 0.002 | 1000 |" in table and "| full | unet |" in table
     assert main(["train", "--show-defaults", "tlora", "--base", "embedded-dit"]) == 0
     described = capsys.readouterr().out
     assert "attn+ff" in described and "dit family default (tlora)" in described
