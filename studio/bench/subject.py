@@ -223,26 +223,16 @@ TARGET = {"subject": 0.8, "prior_points": 5, "wall_seconds": 600}  # issue #22's
 
 def run_defaults(args):
     """--defaults: `studio train` with only --base --images --prompt --method, as a new user runs it."""
-    import torch
     import yaml
 
-    from studio.evaluate import evaluate_base, load_evaluator
+    from studio.evaluate import evaluate_base
     from studio.files import read_jsonl
     from studio.generate import get_pipeline
     from studio.train import run_status
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ValueError("name at least one method with --methods")
     if args.set or args.steps or args.batch_size:
         raise ValueError("--defaults measures the method table as it is: leave out --set, --steps and --batch-size")
-    torch.set_num_threads(args.threads)
-    images = _subject_folder(args)
-    work = Path(args.work) if args.work else (Path(args.json).resolve().parent if args.json else Path.cwd()) / "subject-runs"
-    work.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    evaluator = load_evaluator()
-    base = evaluate_base(args.base, per_class=args.per_class, device=args.device, seed=args.eval_seed)
+    methods, images, work, stamp, evaluator, base = _setup(args)
     base_subject = subject_accuracy(get_pipeline(args.base, device=args.device), args.base, args.prompt,
                                     args.per_class, args.eval_seed, evaluator)
     rows = [{"method": "base (no fine-tuning)", "subject_accuracy": round(base_subject, 3),
@@ -287,13 +277,29 @@ def run_defaults(args):
     return _result(args, rows, curves, details, images)
 
 
-def run(args):
-    from studio.evaluate import default_sampling, evaluate_base, load_evaluator
-    from studio.fashion import HELD_OUT
-
+def _setup(args):
+    """What both protocols start from: the methods, the subject folder, the work folder and its run stamp, the
+    evaluator and the base model's scores."""
     import torch
 
+    from studio.evaluate import evaluate_base, load_evaluator
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("name at least one method with --methods")
+    torch.set_num_threads(args.threads)
+    images = _subject_folder(args)
+    work = Path(args.work) if args.work else (Path(args.json).resolve().parent if args.json else Path.cwd()) / "subject-runs"
+    work.mkdir(parents=True, exist_ok=True)
+    evaluator = load_evaluator()
+    base = evaluate_base(args.base, per_class=args.per_class, device=args.device, seed=args.eval_seed)
+    return methods, images, work, time.strftime("%Y%m%d-%H%M%S"), evaluator, base
+
+
+def run(args):
     from adapters import METHODS
+    from studio.evaluate import default_sampling, evaluate_base
+    from studio.fashion import HELD_OUT
 
     if args.prompt is None:
         from studio.fashion import HELD_OUT, prompt_for
@@ -301,18 +307,8 @@ def run(args):
         args.prompt = DEFAULTS_PROMPT if args.defaults else prompt_for(HELD_OUT)
     if args.defaults:
         return run_defaults(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ValueError("name at least one method with --methods")
-    torch.set_num_threads(args.threads)
     overrides = _overrides(args.set)
-    images = _subject_folder(args)
-    work = Path(args.work) if args.work else (Path(args.json).resolve().parent if args.json else Path.cwd()) / "subject-runs"
-    work.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    evaluator = load_evaluator()
-
-    base = evaluate_base(args.base, per_class=args.per_class, device=args.device, seed=args.eval_seed)
+    methods, images, work, stamp, evaluator, base = _setup(args)
     rows = [{"method": "base (no fine-tuning)", "trainable_params": 0, "adapter_bytes": 0, "wall_seconds": 0.0,
              "peak_mem_mb": None, "subject_accuracy": round(base["held_out_accuracy"], 3),
              "prior_accuracy": round(base["prompt_accuracy"], 3), "prior_delta": 0.0, "fd": round(base["fd"], 3)}]
