@@ -51,7 +51,7 @@ def test_prediction_matches_the_measured_step(tiny_dirs, family, method, batch):
     assert prediction.peak == max(prediction.phases.values()) > 0
 
 
-@pytest.mark.parametrize("method, extra", [("dora", {}), ("loldu", {}), ("flora", {"targets": "attn+conv"}),
+@pytest.mark.parametrize("method, extra", [("dora", {}), ("loldu", {"rank": 4}), ("flora", {"targets": "attn+conv"}),
                                            ("tlora", {}), ("full", {"grad_accum": 2}), ("lora", {"prior_preservation": True,
                                            "class_prompt": ["a bag"], "gradient_checkpointing": True})])
 def test_every_method_and_setting_is_predicted(tiny_dirs, method, extra):
@@ -134,7 +134,7 @@ def test_train_budget_applies_and_logs_the_plan(tiny_dirs, make_subject, tmp_pat
     subject = make_subject(3, seed=0)
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"base: {tiny_dirs['sd']}\nimages: {subject}\nprompt: a photo of sks bag\nmethod: full\n"
-                         f"batch_size: 2\nsteps: 2\nvalidation_seeds: []\ndevice: cpu\n")
+                         f"batch_size: 2\nsteps: 2\nvalidation_seeds: []\ndevice: cpu\nprior_preservation: false\n")
     config = _config(tiny_dirs["sd"], images=str(subject), method="full", batch_size=2)
     planner = Planner(config.base, device="cpu", images=3)
     peak = planner.predict(config).peak

@@ -557,6 +557,7 @@ def test_no_buckets_and_no_cache_from_flags(tiny_sd_dir, framed, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--base", str(tiny_sd_dir), "--images", str(framed), "--prompt", "a photo of sks bag",
                  "--steps", "1", "--rank", "2", "--device", "cpu", "--quiet", "--no-buckets", "--cache-dir", "none",
+                 "--no-prior-preservation",
                  "--out", str(out)]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["buckets"] is False and saved["cache_dir"] == "none"
