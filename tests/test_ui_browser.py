@@ -208,6 +208,13 @@ def subject_images(folder: Path, count=4):
     return sorted(folder.glob("*.png"))
 
 
+def light_run(page):
+    """Batch 1 and no prior preservation: these tests drive the page, not the defaults' recipe (batch 4 and 80 class
+    images to generate first would make each run minutes on a busy CPU)."""
+    set_number(page, "train-batch", 1)
+    page.locator("#train-prior input").uncheck()
+
+
 def test_train_stop_resume_then_generate_and_export(page, server, workspace, tmp_path):
     from studio import library
 
@@ -225,6 +232,7 @@ def test_train_stop_resume_then_generate_and_export(page, server, workspace, tmp
     set_number(page, "train-validate-every", 150)
     set_number(page, "train-validation-steps", 2)
     set_number(page, "train-checkpoint-every", 25)
+    light_run(page)
     page.wait_for_function("document.querySelector('#train-plan').innerText.includes('300 steps')")
     page.locator("#train-start").click()
     wait_status(page, "running", timeout_s=180)
@@ -290,6 +298,7 @@ def test_the_shipped_dit_trains_in_the_browser(page, workspace, tmp_path):
     page.locator("#train-advanced").get_by_text("Advanced").click()
     set_number(page, "train-validate-every", 0)
     set_number(page, "train-validation-steps", 2)
+    light_run(page)
     page.wait_for_function("document.querySelector('#train-plan').innerText.includes('6 steps')")
     page.locator("#train-start").click()
     wait_status(page, "in the library as bag-dit", timeout_s=900)  # not the earlier job's status
