@@ -24,6 +24,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
+from pipelines.grids import RefinedGrid
+
 FITTED_FILES = {"unipc": "dc_solver.json", "dpm++": "dc_dpmsolver.json"}  # per model folder
 CPR_TERMS = 36
 logger = logging.getLogger(__name__)
@@ -218,7 +220,7 @@ class DynamicCompensation:
         return compensated
 
 
-class DCSolverScheduler(DynamicCompensation, UniPCMultistepScheduler):
+class DCSolverScheduler(DynamicCompensation, RefinedGrid, UniPCMultistepScheduler):
     """UniPC (multistep, predictor-corrector, data prediction) with dynamic compensation from step dc_order + 1 on.
 
     pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=[...])
@@ -289,8 +291,9 @@ class DCSolverScheduler(DynamicCompensation, UniPCMultistepScheduler):
         """This scheduler on `pipe`'s config, with the ratios fitted for the loaded model when they were shipped."""
         return cls.from_config(pipe.scheduler.config, **{**fitted_for(pipe, "unipc", guidance_scale), **overrides})
 
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, guidance_scale=None):
-        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, guidance_scale=None,
+                      timesteps=None):
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
         # diffusers keeps timestep_list and this_order across runs; a new run must not see the last one.
         self.timestep_list = [None] * self.config.solver_order
         self.this_order = None
@@ -302,7 +305,7 @@ class DCSolverScheduler(DynamicCompensation, UniPCMultistepScheduler):
         return super().multistep_uni_p_bh_update(model_output, *args, sample=sample, order=order, **kwargs)
 
 
-class DCDPMSolverScheduler(DynamicCompensation, DPMSolverMultistepScheduler):
+class DCDPMSolverScheduler(DynamicCompensation, RefinedGrid, DPMSolverMultistepScheduler):
     """DPM-Solver++ (multistep, data prediction) with dynamic compensation of the newest data prediction."""
 
     _solver = "dpm++"

@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from pipelines.grids import LAMBDA_MIN, sampling_top, start_at_top  # noqa: F401 - re-exported
 from pipelines.dcsolver import (CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, cpr_ratios,
                                lagrange_compensate, scheduler_fingerprint, table_range)
 
@@ -152,34 +153,6 @@ def solver_reference(denoise, noise, grid, config, progress=None) -> dict:
             progress(1)
     states["final"] = run.x
     return states
-
-
-# diffusers' lambda_min_clipped for cosine schedules (DPMSolverMultistepScheduler's docs): below this half log-SNR
-# an ε-model's x̂0 = (x − σ ε̂)/α amplifies its error past use.
-LAMBDA_MIN = -5.1
-
-
-def sampling_top(alphas_cumprod, lambda_min: float = LAMBDA_MIN) -> int:
-    """The highest training timestep a sampler can start from: the last one whose λ = log(α/σ) >= lambda_min.
-    SD's scaled-linear schedule keeps 999 (λ = -2.7); a capped cosine schedule (squaredcos_cap_v2, the embedded
-    models: ᾱ_999 = 2.4e-9, α = 4.9e-5) stops at 995, since any solver that evaluates the model at 999 (trailing or
-    linspace spacing, a 999-step DDIM) multiplies its ε error by up to 1/α and blows the latents up (std ~500)."""
-    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    lam = 0.5 * torch.log(abar / (1 - abar))
-    keep = torch.nonzero(lam >= lambda_min).flatten()
-    return int(keep.max()) if len(keep) else len(abar) - 1
-
-
-def start_at_top(config) -> dict:
-    """Scheduler-config overrides that end the schedule at sampling_top: the same betas up to it (trained_betas),
-    so every diffusers scheduler's trailing/linspace grid starts at the model's usable T. Empty where it is 999."""
-    from diffusers import DDIMScheduler
-
-    betas = DDIMScheduler.from_config(config).betas
-    top = sampling_top(torch.cumprod(1 - betas.double(), 0))
-    if top >= len(betas) - 1:
-        return {}
-    return {"trained_betas": betas[:top + 1].tolist(), "num_train_timesteps": top + 1}
 
 
 def converged_reference(denoise, noise, config, check_steps: int = 400, progress=None) -> dict:

@@ -373,24 +373,6 @@ def test_validated_range_is_the_largest_box_where_cpr_never_lost():
     assert cpr_check_points([5], [1.0, 3.0]) == [(5, 1.0), (5, 2.0), (5, 3.0)]
 
 
-def test_usable_top_ends_a_capped_cosine_schedule_where_x0_still_means_something():
-    from pipelines.loading import EMBEDDED_SOURCES
-    from studio.dcsearch import sampling_top, start_at_top
-
-    assert start_at_top(SD_SCHEDULER_CONFIG) == {}  # SD's schedule: t = 999 has λ = -2.7, usable
-    sd = UniPCMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
-    assert sampling_top(sd.alphas_cumprod) == 999
-    config = json.loads((EMBEDDED_SOURCES["embedded"] / "scheduler" / "scheduler_config.json").read_text())
-    full = UniPCMultistepScheduler.from_config(config)
-    assert float(full.alphas_cumprod[999]) < 1e-8  # the cap: α_999 = 4.9e-5
-    clipped = UniPCMultistepScheduler.from_config(config, **start_at_top(config), timestep_spacing="trailing",
-                                                  steps_offset=0)
-    assert clipped.config.num_train_timesteps == 996
-    assert torch.equal(clipped.alphas_cumprod, full.alphas_cumprod[:996])  # the same schedule, only shorter
-    clipped.set_timesteps(5)
-    assert int(clipped.timesteps[0]) == 995 == sampling_top(full.alphas_cumprod)
-
-
 def test_converged_reference_is_the_exact_ode_solution_and_two_solvers_agree():
     from studio.dcsearch import converged_reference
 
