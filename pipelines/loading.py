@@ -188,8 +188,29 @@ def load_pipeline(source="embedded", device=None, dtype=None, attention: str = "
     # Sampling defaults a studio-trained model recommends (guidance, steps); read by text2image.
     defaults = folder / "studio.json" if folder is not None else None
     pipe.studio_defaults = json.loads(defaults.read_text()) if defaults is not None and defaults.is_file() else {}
+    use_recommended_spacing(pipe)
     set_attention(pipe, attention)
     return pipe
+
+
+def use_recommended_spacing(pipe):
+    """The timestep spacing a studio model recommends (studio.json "timestep_spacing", e.g. "refined": its grid starts
+    at the usable T, pipelines/grids.py) on its UniPC or DPM-Solver++ scheduler. The folder's scheduler config stays
+    diffusers' own, so a plain `DiffusionPipeline.from_pretrained` still loads it."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from pipelines.grids import RefinedDPMSolverScheduler, RefinedGrid, RefinedUniPCScheduler
+
+    spacing = (pipe.studio_defaults or {}).get("timestep_spacing")
+    scheduler = getattr(pipe, "scheduler", None)
+    if not spacing or scheduler is None or scheduler.config.get("timestep_spacing") == spacing:
+        return
+    for stock, refined in ((UniPCMultistepScheduler, RefinedUniPCScheduler),
+                           (DPMSolverMultistepScheduler, RefinedDPMSolverScheduler)):
+        if isinstance(scheduler, stock) and not scheduler.config.get("use_flow_sigmas"):
+            cls = type(scheduler) if isinstance(scheduler, RefinedGrid) else refined
+            pipe.scheduler = cls.from_config(scheduler.config, timestep_spacing=spacing, steps_offset=0)
+            return
 
 
 def inside_lora_layers(model):

@@ -24,24 +24,31 @@ class GenerationError(ValueError):
     """Settings a user got wrong; the message says what to change."""
 
 
+# UniPC and DPM-Solver++ keep a model's "refined" spacing (pipelines/grids.py); DDIM and Euler, which cannot take
+# it, start at the usable T with trailing spacing instead (stock_config).
+
 def _ddim(config, **_):
     from diffusers import DDIMScheduler
-    return DDIMScheduler.from_config(config)
+
+    from pipelines.grids import stock_config
+    return DDIMScheduler.from_config(stock_config(config))
 
 
 def _euler(config, **_):
     from diffusers import EulerDiscreteScheduler
-    return EulerDiscreteScheduler.from_config(config)
+
+    from pipelines.grids import stock_config
+    return EulerDiscreteScheduler.from_config(stock_config(config))
 
 
 def _unipc(config, **_):
-    from diffusers import UniPCMultistepScheduler
-    return UniPCMultistepScheduler.from_config(config)
+    from pipelines.grids import RefinedUniPCScheduler
+    return RefinedUniPCScheduler.from_config(config)
 
 
 def _dpmpp(config, **_):
-    from diffusers import DPMSolverMultistepScheduler
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    from pipelines.grids import RefinedDPMSolverScheduler
+    return RefinedDPMSolverScheduler.from_config(config, algorithm_type="dpmsolver++")
 
 
 def _dc_solver(config, pipe=None, guidance=None):

@@ -389,8 +389,11 @@ def _write_pipeline(out: Path, family: str, denoiser, vae_dir: Path, guidance: f
     else:
         index.update({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]})
     write_json(out / "model_index.json", index)
-    write_json(out / "studio.json", {"guidance": guidance, "steps": 25, "scheduler": scheduler,
-                                     "held_out_class": fashion.HELD_OUT, "text_encoder": TEXT_PACKAGE})
+    # "refined": sample on the grid from the usable T (pipelines/grids.py), 30 steps: within 3x of the converged
+    # sample on `embedded` (docs/dc-solver.md); the scheduler config itself stays diffusers' own.
+    write_json(out / "studio.json", {"guidance": guidance, "steps": 30, "scheduler": scheduler,
+                                     "timestep_spacing": "refined", "held_out_class": fashion.HELD_OUT,
+                                     "text_encoder": TEXT_PACKAGE})
 
 
 # Sampling defaults found best by `studio eval` (docs/embedded.md has the sweep).

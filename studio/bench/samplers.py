@@ -6,28 +6,38 @@ from the model's usable T (studio.dcsearch.sampling_top: 999 for SD schedules, 9
 cosine) to 0; a second solver (DPM-Solver++(2M), --check-steps steps) from the same noise shows it has converged,
 and their distance is the floor no sampler can be judged below. Each sampler's error is the MSE of its decoded
 image (0-1 range, what a user sees) to the converged sample's image, and the final-latent MSE beside it; plus the
-evaluator's prompt accuracy and FD-classifier (stand-ins for CLIP score and FID). Grids: "model" is the
-scheduler's own spacing (leading for the shipped models, which starts 5 steps at t = 801 and 25 at t = 961),
-"trailing" and "karras" start at the usable T. DC-Solver runs on the grid its shipped ratios were fitted on. The
-noise seeds (default 1000..) are disjoint from those dc-search fits and validates on (0..19).
+evaluator's prompt accuracy and FD-classifier (stand-ins for CLIP score and FID). Grids: a plain name samples on
+the model's own spacing (the embedded models: "refined", pipelines/grids.py); "-leading" is the spacing their
+diffusers config and SD's say (5 steps start at t = 801, 25 at t = 961); "-trailing" and "-karras" are diffusers'
+grids from the usable T. DC-Solver runs on the grid its shipped ratios were fitted on. The noise seeds (default
+1000..) are disjoint from those dc-search fits and validates on (0..19). --strip saves one same-seed image per step
+count for the leading and the model's grid beside the converged sample.
 """
 import json
 import time
+from pathlib import Path
 
 import torch
 
 
-GRIDS = {"model": {}, "trailing": {"timestep_spacing": "trailing", "steps_offset": 0},
+GRIDS = {"model": {}, "leading": {"timestep_spacing": "leading", "steps_offset": 1},
+         "trailing": {"timestep_spacing": "trailing", "steps_offset": 0},
          "karras": {"timestep_spacing": "trailing", "steps_offset": 0, "use_karras_sigmas": True}}
+TOP_GRIDS = ("trailing", "karras")  # diffusers' grids that start at the usable T once the betas end there
 
 
 def add_arguments(p):
     p.add_argument("--base", default="embedded,embedded-dit", help="models, comma-separated (missing ones are skipped)")
-    p.add_argument("--steps", default="5,6,8,10,25", help="step counts, comma-separated")
+    p.add_argument("--steps", default="5,6,8,10,25,30", help="step counts, comma-separated")
     p.add_argument("--guidance", default="1,default,7.5", help="guidance scales; 'default' = the model's own")
-    p.add_argument("--samplers", default="dc-solver,unipc,unipc-trailing,unipc-karras,dpm++,ddim",
+    p.add_argument("--samplers", default="dc-solver,unipc,unipc-leading,unipc-trailing,unipc-karras,dpm++,ddim",
                    help="comma-separated: dc-solver (its fitted grid), dc-dpm++ (where fitted ratios were shipped), "
-                        "unipc, dpm++, ddim, each optionally -trailing or -karras (a grid from the usable T)")
+                        "unipc, dpm++, ddim (the model's own spacing; DDIM: trailing from the usable T where that is "
+                        "'refined'), each optionally -leading, -trailing or -karras")
+    p.add_argument("--strip", default=None, metavar="PNG",
+                   help="save a same-seed strip (leading vs the model's grid at --strip-steps, and the converged "
+                        "sample) at the model's guidance")
+    p.add_argument("--strip-steps", default="5,10,25,50")
     p.add_argument("--per-class", type=int, default=2, help="images per prompt class (9 classes)")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed (keep clear of dc-search's 0..19)")
     p.add_argument("--check-steps", type=int, default=400,
@@ -41,7 +51,7 @@ def _scheduler(pipe, name, guidance):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     from pipelines.dcsolver import DCDPMSolverScheduler, DCSolverScheduler
-    from studio.dcsearch import start_at_top
+    from pipelines.grids import RefinedDPMSolverScheduler, RefinedUniPCScheduler, start_at_top, stock_config
 
     if name == "dc-solver":
         return DCSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
@@ -49,16 +59,17 @@ def _scheduler(pipe, name, guidance):
         return DCDPMSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
     solver, _, grid = name.partition("-")
     if grid and grid not in GRIDS or grid == "model":
-        raise ValueError(f"unknown grid in '{name}': use -trailing or -karras")
+        raise ValueError(f"unknown grid in '{name}': use -leading, -trailing or -karras")
     config = dict(pipe.scheduler.config)
     if grid:
-        config = {**config, **start_at_top(config), **GRIDS[grid]}
+        config = {**config, **(start_at_top(config) if grid in TOP_GRIDS else {}), **GRIDS[grid]}
     if solver == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
+        return (RefinedUniPCScheduler if not grid else UniPCMultistepScheduler).from_config(config)
     if solver == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if solver == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False)  # plain deterministic DDIM, as in the paper
+        cls = RefinedDPMSolverScheduler if not grid else DPMSolverMultistepScheduler
+        return cls.from_config(config, algorithm_type="dpmsolver++")
+    if solver == "ddim":  # plain deterministic DDIM, as in the paper
+        return DDIMScheduler.from_config(stock_config(config), clip_sample=False)
     raise ValueError(f"unknown sampler '{name}': choose from dc-solver, dc-dpm++, unipc, dpm++, ddim (+ -trailing/-karras)")
 
 
@@ -119,6 +130,8 @@ def bench_base(base, args, evaluator, rows, notes):
                      "image_mse": floor, "x_floor": 1.0, "latent_mse": mse(reference["check"], reference["final"])})
         print(f"  {base} cfg {guidance:g}: converged sample from t = {reference['top']} "
               f"(floor {floor:.3g}, {rows[-2]['seconds']:.0f} s)", flush=True)
+        if args.strip and guidance == model_guidance:
+            _save_strip(pipe, base, args, prompts, guidance, noise, target, notes)
         for steps in steps_list:
             unipc_mse = None
             for name in samplers:
@@ -147,6 +160,35 @@ def bench_base(base, args, evaluator, rows, notes):
                     row["vs_unipc_%"] = 100.0 * (row["image_mse"] / unipc_mse - 1.0)
             print(f"  {base} cfg {guidance:g} steps {steps}: " + ", ".join(
                 f"{r['sampler']} {r['image_mse']:.4g}" for r in done), flush=True)
+
+
+def _save_strip(pipe, base, args, prompts, guidance, noise, target, notes):
+    """One row per grid (the config's leading, the model's own), one column per step count, then the converged
+    sample: the same noise throughout (one image of each of the first three classes)."""
+    from PIL import Image
+
+    from studio.dcsearch import pipeline_denoiser, sample
+
+    picks = [i * int(args.per_class) for i in range(min(3, len(noise) // int(args.per_class)))]
+    denoise = pipeline_denoiser(pipe, [prompts[i] for i in picks], guidance)
+    steps = [int(n) for n in str(args.strip_steps).split(",") if n.strip()]
+    rows = []
+    for name in ("unipc-leading", "unipc"):
+        cells = [_decode(pipe, sample(_scheduler(pipe, name, None), denoise, noise[picks], n)) for n in steps]
+        rows.append(torch.cat(cells + [target[picks]], dim=3))  # (images, 3, H, W x columns)
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # images stacked in each row's height
+    scale = max(1, 256 // int(target.shape[-1]))
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    image = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    out = Path(args.strip)
+    if len([b for b in str(args.base).split(",") if b.strip()]) > 1:
+        out = out.with_name(f"{out.stem}-{base}{out.suffix}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    image.save(tmp)
+    tmp.replace(out)
+    notes.append(f"{base}: strip {out}: rows leading then {pipe.scheduler.config.timestep_spacing} UniPC (each 3 "
+                 f"images high), columns {', '.join(map(str, steps))} steps, then the converged sample")
 
 
 def run(args):
