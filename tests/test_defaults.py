@@ -43,10 +43,11 @@ def test_resolution_order_flag_then_family_then_method_then_generic(tmp_path):
     assert defaults.family_of_base("embedded") == "unet" and defaults.family_of_base("embedded-dit") == "dit"
     assert defaults.family_of_base(str(tmp_path / "missing")) is None
     common = dict(images="x", prompt="a photo of sks bag", out="o")
-    # family > method > generic: LoLDU on a DiT takes the DiT's targets and steps, its own rank and lr
+    # family > method > generic: LoLDU on a DiT takes the DiT's targets, steps and lr, its own rank
     c = TrainConfig(base=dit, method="loldu", **common)
-    assert (c.targets, c.steps) == (defaults.FAMILIES["dit"]["loldu"]["targets"], defaults.FAMILIES["dit"]["loldu"]["steps"])
-    assert (c.rank, c.lr) == (defaults.METHODS["loldu"]["rank"], defaults.METHODS["loldu"]["lr"])
+    family = defaults.FAMILIES["dit"]["loldu"]
+    assert (c.targets, c.steps, c.lr) == (family["targets"], family["steps"], family["lr"])
+    assert c.rank == defaults.METHODS["loldu"]["rank"] and c.lr != defaults.METHODS["loldu"]["lr"]
     assert c.batch_size == defaults.GENERIC["batch_size"] and c.class_images == defaults.GENERIC["class_images"]
     assert c.sources["targets"].startswith("dit family") and c.sources["rank"].startswith("method default")
     assert c.sources["batch_size"] == "generic default"
@@ -173,7 +174,7 @@ def test_cli_help_and_show_defaults(capsys):
     assert text.count("the method table: studio train --show-defaults METHOD") >= 6
     assert main(["train", "--show-defaults"]) == 0
     table = capsys.readouterr().out
-    assert "| loldu | dit | 64 | attn+ff | 0.002 | 1000 |" in table and "| full | unet |" in table
+    assert "| loldu | dit | 64 | attn+ff | 0.003 | 1000 |" in table and "| full | unet |" in table
     assert main(["train", "--show-defaults", "tlora", "--base", "embedded-dit"]) == 0
     described = capsys.readouterr().out
     assert "attn+ff" in described and "dit family default (tlora)" in described
