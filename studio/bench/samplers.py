@@ -35,8 +35,8 @@ def add_arguments(p):
                         "unipc, dpm++, ddim (the model's own spacing; DDIM: trailing from the usable T where that is "
                         "'refined'), each optionally -leading, -trailing or -karras")
     p.add_argument("--strip", default=None, metavar="PNG",
-                   help="save a same-seed strip (leading vs the model's grid at --strip-steps, and the converged "
-                        "sample) at the model's guidance")
+                   help="save a same-seed strip (a row for leading and one for the model's grid: per image, --strip-steps "
+                        "then the converged sample) at the model's guidance")
     p.add_argument("--strip-steps", default="5,10,25,50")
     p.add_argument("--per-class", type=int, default=2, help="images per prompt class (9 classes)")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed (keep clear of dc-search's 0..19)")
@@ -176,7 +176,7 @@ def _save_strip(pipe, base, args, prompts, guidance, noise, target, notes):
     for name in ("unipc-leading", "unipc"):
         cells = [_decode(pipe, sample(_scheduler(pipe, name, None), denoise, noise[picks], n)) for n in steps]
         rows.append(torch.cat(cells + [target[picks]], dim=3))  # (images, 3, H, W x columns)
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # images stacked in each row's height
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # a row per grid: the images side by side
     scale = max(1, 256 // int(target.shape[-1]))
     pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     image = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
