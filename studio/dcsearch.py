@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from pipelines.grids import LAMBDA_MIN, sampling_top, start_at_top  # noqa: F401 - re-exported
 from pipelines.dcsolver import (CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, cpr_ratios,
                                lagrange_compensate, scheduler_fingerprint, table_range)
+from pipelines.grids import sampling_top
 
 
 def mse(a, b) -> float:

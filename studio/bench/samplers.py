@@ -2,7 +2,7 @@
 DDIM against the converged sample from the same noise.
 
 Protocol: for each (model, guidance) the converged sample is deterministic DDIM through every training timestep
-from the model's usable T (studio.dcsearch.sampling_top: 999 for SD schedules, 995 for the embedded models' capped
+from the model's usable T (pipelines.grids.sampling_top: 999 for SD schedules, 995 for the embedded models' capped
 cosine) to 0; a second solver (DPM-Solver++(2M), --check-steps steps) from the same noise shows it has converged,
 and their distance is the floor no sampler can be judged below. Each sampler's error is the MSE of its decoded
 image (0-1 range, what a user sees) to the converged sample's image, and the final-latent MSE beside it; plus the
@@ -51,7 +51,8 @@ def _scheduler(pipe, name, guidance):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     from pipelines.dcsolver import DCDPMSolverScheduler, DCSolverScheduler
-    from pipelines.grids import RefinedDPMSolverScheduler, RefinedUniPCScheduler, start_at_top, stock_config
+    from pipelines.grids import start_at_top, stock_config
+    from pipelines.text2image import SCHEDULERS
 
     if name == "dc-solver":
         return DCSolverScheduler.for_pipeline(pipe, guidance_scale=guidance)
@@ -60,17 +61,19 @@ def _scheduler(pipe, name, guidance):
     solver, _, grid = name.partition("-")
     if grid and grid not in GRIDS or grid == "model":
         raise ValueError(f"unknown grid in '{name}': use -leading, -trailing or -karras")
+    if solver not in ("unipc", "dpm++", "ddim"):
+        raise ValueError(f"unknown sampler '{name}': choose from dc-solver, dc-dpm++, unipc, dpm++, ddim "
+                         f"(+ -leading/-trailing/-karras)")
     config = dict(pipe.scheduler.config)
     if grid:
         config = {**config, **(start_at_top(config) if grid in TOP_GRIDS else {}), **GRIDS[grid]}
-    if solver == "unipc":
-        return (RefinedUniPCScheduler if not grid else UniPCMultistepScheduler).from_config(config)
-    if solver == "dpm++":
-        cls = RefinedDPMSolverScheduler if not grid else DPMSolverMultistepScheduler
-        return cls.from_config(config, algorithm_type="dpmsolver++")
     if solver == "ddim":  # plain deterministic DDIM, as in the paper
         return DDIMScheduler.from_config(stock_config(config), clip_sample=False)
-    raise ValueError(f"unknown sampler '{name}': choose from dc-solver, dc-dpm++, unipc, dpm++, ddim (+ -trailing/-karras)")
+    if not grid:  # the model's own spacing, as `studio generate --scheduler NAME` samples it
+        return SCHEDULERS[solver](config)
+    if solver == "unipc":
+        return UniPCMultistepScheduler.from_config(config)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
 
 
 def _decode(pipe, latents):
@@ -187,8 +190,8 @@ def _save_strip(pipe, base, args, prompts, guidance, noise, target, notes):
     tmp = out.with_suffix(".tmp.png")
     image.save(tmp)
     tmp.replace(out)
-    notes.append(f"{base}: strip {out}: rows leading then {pipe.scheduler.config.timestep_spacing} UniPC (each 3 "
-                 f"images high), columns {', '.join(map(str, steps))} steps, then the converged sample")
+    notes.append(f"{base}: strip {out}: rows leading then {pipe.scheduler.config.timestep_spacing} UniPC, the images side "
+                 f"by side, each as {', '.join(map(str, steps))} steps, then the converged sample")
 
 
 def run(args):
