@@ -14,6 +14,11 @@ validated on (`dc_validated`): outside it, or where CPR was not validated, CPR i
 UniPC, with one warning), since its polynomials extrapolate into harm.
 
 DCDPMSolverScheduler applies the same compensation to DPM-Solver++ (a predictor-only solver).
+
+Flow matching (SD3, Flux; neither the authors nor diffusers have it): the same compensation on UniPC's flow mode
+(use_flow_sigmas, prediction_type "flow_prediction", the model's shift), whose data prediction is x̂0 = x − σ v̂;
+the Lagrange nodes are the exact timesteps σ·1000 (RefinedGrid keeps them float). Build one from a model's
+FlowMatchEuler config with `DCSolverScheduler.from_config(flow_solver_config(config))`; for_pipeline does it.
 """
 import json
 import logging
@@ -24,7 +29,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from pipelines.grids import RefinedGrid
+from pipelines.grids import RefinedGrid, flow_solver_config, is_flow_config
 
 FITTED_FILES = {"unipc": "dc_solver.json", "dpm++": "dc_dpmsolver.json"}  # per model folder
 CPR_TERMS = 36
@@ -270,8 +275,9 @@ class DCSolverScheduler(DynamicCompensation, RefinedGrid, UniPCMultistepSchedule
             raise ValueError("DC-Solver compensates UniPC's own predictor; solver_p is not supported")
         if not predict_x0:
             raise ValueError("DC-Solver compensates data predictions: predict_x0 must be True")
-        if use_flow_sigmas or prediction_type == "flow_prediction":
-            raise ValueError("DC-Solver needs a VP noise schedule (epsilon or v prediction), not flow matching")
+        if use_flow_sigmas != (prediction_type == "flow_prediction"):
+            raise ValueError("a flow-matching DC-Solver needs both use_flow_sigmas=True and prediction_type="
+                             "'flow_prediction' (build it with pipelines.grids.flow_solver_config)")
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,
@@ -288,8 +294,10 @@ class DCSolverScheduler(DynamicCompensation, RefinedGrid, UniPCMultistepSchedule
 
     @classmethod
     def for_pipeline(cls, pipe, guidance_scale=None, **overrides):
-        """This scheduler on `pipe`'s config, with the ratios fitted for the loaded model when they were shipped."""
-        return cls.from_config(pipe.scheduler.config, **{**fitted_for(pipe, "unipc", guidance_scale), **overrides})
+        """This scheduler on `pipe`'s config (its flow mode on a flow-matching model), with the ratios fitted for
+        the loaded model when they were shipped."""
+        return cls.from_config(solver_config(pipe.scheduler.config),
+                               **{**fitted_for(pipe, "unipc", guidance_scale), **overrides})
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, guidance_scale=None,
                       timesteps=None):
@@ -350,8 +358,9 @@ class DCDPMSolverScheduler(DynamicCompensation, RefinedGrid, DPMSolverMultistepS
     ):
         if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             raise ValueError(f"DC needs data prediction: use algorithm_type 'dpmsolver++', not '{algorithm_type}'")
-        if use_flow_sigmas or prediction_type == "flow_prediction":
-            raise ValueError("DC-Solver needs a VP noise schedule (epsilon or v prediction), not flow matching")
+        if use_flow_sigmas != (prediction_type == "flow_prediction"):
+            raise ValueError("a flow-matching DC-Solver needs both use_flow_sigmas=True and prediction_type="
+                             "'flow_prediction' (build it with pipelines.grids.flow_solver_config)")
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,
@@ -369,7 +378,8 @@ class DCDPMSolverScheduler(DynamicCompensation, RefinedGrid, DPMSolverMultistepS
 
     @classmethod
     def for_pipeline(cls, pipe, guidance_scale=None, **overrides):
-        return cls.from_config(pipe.scheduler.config, **{**fitted_for(pipe, "dpm++", guidance_scale), **overrides})
+        return cls.from_config(solver_config(pipe.scheduler.config),
+                               **{**fitted_for(pipe, "dpm++", guidance_scale), **overrides})
 
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, guidance_scale=None):
         super().set_timesteps(num_inference_steps, device=device, mu=mu, timesteps=timesteps)
@@ -403,9 +413,20 @@ def dc_solver_from_config(config):
     return DCSolverScheduler.from_config(config)
 
 
+def solver_config(config) -> dict:
+    """A scheduler config as UniPC / DPM-Solver++ take it: a flow-matching model's in their flow mode."""
+    return flow_solver_config(config) if is_flow_config(config) else dict(config)
+
+
 def scheduler_fingerprint(config) -> dict:
-    """The model's noise-schedule settings that fitted ratios depend on."""
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "rescale_betas_zero_snr")
+    """The model's noise-schedule settings that fitted ratios depend on (its flow shift for a flow model)."""
+    if is_flow_config(config):
+        config = flow_solver_config(config)
+        keys = ("num_train_timesteps", "prediction_type", "flow_shift", "use_dynamic_shifting", "time_shift_type",
+                "shift_terminal")
+    else:
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                "rescale_betas_zero_snr")
     return {k: config.get(k) for k in keys}
 
 

@@ -222,7 +222,7 @@ def noise_level(scheduler, index: int, t):
     x_in = alpha·x0 + sigma·eps (DDIM, UniPC, DPM-Solver, and Euler after scale_model_input);
     "flow" means x = (1 - sigma)·x0 + sigma·eps (flow matching)."""
     sigmas = getattr(scheduler, "sigmas", None)
-    if "FlowMatch" in type(scheduler).__name__:
+    if "FlowMatch" in type(scheduler).__name__ or scheduler.config.get("use_flow_sigmas"):  # UniPC/DC flow mode too
         sigma = float(sigmas[index])
         return "flow", 1.0 - sigma, sigma
     if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:

@@ -7,6 +7,10 @@ with classifier-free guidance the ODE is still linear and we integrate it with f
 
 GaussianDenoiser has the UNet call signature (sample, timestep, encoder_hidden_states) so real diffusers
 schedulers run on it unchanged. An all-zero text embedding means "unconditional".
+
+FlowGaussianDenoiser is the same data under rectified flow (SD3, Flux): x = (1 − σ) x0 + σ ε at timestep σ·1000,
+predicting the velocity ε − x0. It is the same ODE (y = x / (1 − σ), s = σ / (1 − σ)), so the exact solution is
+shared.
 """
 from types import SimpleNamespace
 
@@ -108,6 +112,56 @@ class GaussianDenoiser(nn.Module):
         return states
 
 
+class FlowGaussianDenoiser(GaussianDenoiser):
+    """The Gaussian data under rectified flow: timesteps are σ·num_train_timesteps, the output is the velocity."""
+
+    def __init__(self, mean, std, num_train_timesteps: int = 1000, **kwargs):
+        super().__init__(mean, std, torch.ones(num_train_timesteps, dtype=torch.float64), "epsilon", **kwargs)
+        self.prediction_type = "flow_prediction"
+        self.num_train_timesteps = num_train_timesteps
+
+    def _flow_sigma(self, timestep):
+        return (torch.as_tensor(timestep, dtype=torch.float64) / self.num_train_timesteps).clamp(0.0, 1.0 - 1e-9)
+
+    def _velocity(self, x, sigma, guidance: float = 1.0, conditional=None):
+        s = sigma / (1 - sigma)
+        x_vp = x / ((1 - sigma) * (1 + s ** 2).sqrt())  # the same point as a variance-preserving state
+        eps = self.eps_at(x_vp, s, True)
+        if guidance != 1.0 or conditional is not None:
+            unc = self.eps_at(x_vp, s, False)
+            eps = unc + guidance * (eps - unc) if conditional is None else torch.where(conditional, eps, unc)
+        x0 = x / (1 - sigma) - s * eps
+        return eps - x0
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        x = sample.to(torch.float64)
+        sigma = self._flow_sigma(timestep).reshape(-1, *([1] * (x.dim() - 1)))
+        conditional = None
+        if encoder_hidden_states is not None:
+            conditional = (encoder_hidden_states.flatten(1).abs().sum(1) > 0).reshape(-1, *([1] * (x.dim() - 1)))
+        out = self._velocity(x, sigma, conditional=conditional).to(sample.dtype)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+    def guided(self, guidance: float = 1.0):
+        def denoise(x, t):
+            return self._velocity(x.to(torch.float64), self._flow_sigma(t), guidance).to(x.dtype)
+        return denoise
+
+    def solve(self, x, s_from: float, s_to: float, guidance: float = 1.0, substeps: int = 400):
+        """Exact flow-ODE solution from flow σ = s_from to σ = s_to (0: the data)."""
+        sig_from, sig_to = min(float(s_from), 1.0 - 1e-9), float(s_to)
+        nsr_from, nsr_to = sig_from / (1 - sig_from), sig_to / (1 - sig_to)
+        x_vp = x.to(torch.float64) / ((1 - sig_from) * (1 + nsr_from ** 2) ** 0.5)
+        out = super().solve(x_vp, nsr_from, nsr_to, guidance, substeps).to(torch.float64)
+        return (out * (1 + nsr_to ** 2) ** 0.5 * (1 - sig_to)).to(x.dtype)
+
+
+def flow_gaussian_problem(shape=(2, 2, 2), seed: int = 0):
+    """gaussian_problem's data (same mean and std for a seed) under rectified flow."""
+    vp = gaussian_problem(shape, seed)
+    return FlowGaussianDenoiser(vp.mean, vp.std)
+
+
 def gaussian_problem(shape=(2, 2, 2), seed: int = 0, alphas_cumprod=None, prediction_type="epsilon"):
     """The spec's toy (d = 8): conditional mean 0.8 N(0,1), std 0.5 exp(0.3 N(0,1)); unconditional N(0, 1).
     alphas_cumprod defaults to SD's scaled-linear 0.00085 -> 0.012 schedule."""
@@ -120,5 +174,7 @@ def gaussian_problem(shape=(2, 2, 2), seed: int = 0, alphas_cumprod=None, predic
     return GaussianDenoiser(mean, std, alphas_cumprod, prediction_type)
 
 
+# SD3's scheduler (FlowMatchEulerDiscreteScheduler, shift 3) as its scheduler_config.json has it.
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 SD_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                        "beta_schedule": "scaled_linear", "timestep_spacing": "linspace"}

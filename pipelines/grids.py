@@ -16,6 +16,10 @@ to integer timesteps (so the model is called at exactly the σ the solver steps 
 `RefinedGrid` gives a diffusers multistep scheduler `timestep_spacing="refined"` and a `timesteps=` argument to
 set_timesteps (an explicit descending integer grid). Stock diffusers classes do not know "refined": stock_config()
 turns such a config into one they accept (trailing spacing from the usable T).
+
+Flow-matching models (SD3, Flux) take UniPC and DPM-Solver++ through flow_solver_config(). diffusers' flow mode there
+casts the timesteps σ·1000 to integers, so the model is called up to 1e-3 in σ below the σ the solver steps with;
+RefinedGrid keeps them exact (float), as FlowMatchEulerDiscreteScheduler does.
 """
 import numpy as np
 import torch
@@ -82,6 +86,13 @@ class RefinedGrid:
     σ the solver steps with is the training schedule's σ at each integer timestep the model is called at."""
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, **kwargs):
+        if self.config.get("use_flow_sigmas"):
+            if timesteps is not None:
+                raise ValueError("a flow-matching scheduler takes an explicit grid as sigmas=[...], not timesteps")
+            super().set_timesteps(num_inference_steps, device=device, **kwargs)
+            self.timesteps = (self.sigmas[:-1].to(torch.float64) * self.config.num_train_timesteps).to(
+                device=device, dtype=torch.float32)
+            return
         if timesteps is None and self.config.timestep_spacing != REFINED:
             return super().set_timesteps(num_inference_steps, device=device, **kwargs)
         if timesteps is None:
@@ -111,6 +122,33 @@ class RefinedUniPCScheduler(RefinedGrid, UniPCMultistepScheduler):
 
 class RefinedDPMSolverScheduler(RefinedGrid, DPMSolverMultistepScheduler):
     """DPM-Solver++ that also takes timestep_spacing="refined"; otherwise diffusers' own."""
+
+
+# FlowMatchEulerDiscreteScheduler settings with a different name in UniPC's and DPM-Solver++'s flow mode.
+FLOW_RENAMED = {"shift": "flow_shift"}
+# ...and those neither solver has (the pipelines still read the shift bounds from the scheduler config).
+FLOW_ONLY = ("invert_sigmas", "stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def is_flow_config(config) -> bool:
+    """Whether a scheduler config samples by flow matching (FlowMatchEuler's, or a solver in flow mode)."""
+    config = dict(config)
+    # FlowMatchEuler's config has a "shift" and no noise schedule (betas); a fresh instance's lacks _class_name
+    flow_match = str(config.get("_class_name", "")).startswith("FlowMatch") or (
+        "shift" in config and "beta_schedule" not in config)
+    return flow_match or bool(config.get("use_flow_sigmas")) or config.get("prediction_type") == "flow_prediction"
+
+
+def flow_solver_config(config) -> dict:
+    """A flow-matching model's scheduler config (FlowMatchEulerDiscreteScheduler's) as UniPC / DPM-Solver++ take it:
+    flow sigmas with the same shift (or dynamic shifting), velocity prediction, final σ = 0. A config already in
+    that form is returned as is."""
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if config.get("use_flow_sigmas"):
+        return config
+    out = {FLOW_RENAMED.get(k, k): v for k, v in config.items() if k not in FLOW_ONLY}
+    out.update(use_flow_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="zero")
+    return out
 
 
 def stock_config(config) -> dict:

@@ -25,35 +25,48 @@ class GenerationError(ValueError):
 
 
 # UniPC and DPM-Solver++ keep a model's "refined" spacing (pipelines/grids.py); DDIM and Euler, which cannot take
-# it, start at the usable T with trailing spacing instead (stock_config).
+# it, start at the usable T with trailing spacing instead (stock_config). On a flow-matching model (SD3, Flux) UniPC,
+# DPM-Solver++ and DC-Solver run in their flow mode on the model's own shifted sigmas (flow_solver_config) and Euler
+# is diffusers' FlowMatchEulerDiscreteScheduler; DDIM has no flow form.
 
 def _ddim(config, **_):
     from diffusers import DDIMScheduler
 
-    from pipelines.grids import stock_config
+    from pipelines.grids import is_flow_config, stock_config
+    if is_flow_config(config):
+        raise GenerationError("'ddim' is a noise-prediction sampler; this flow-matching model takes euler, unipc, "
+                              "dpm++ or dc-solver")
     return DDIMScheduler.from_config(stock_config(config))
 
 
 def _euler(config, **_):
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-    from pipelines.grids import stock_config
+    from pipelines.grids import is_flow_config, stock_config
+    if is_flow_config(config):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     return EulerDiscreteScheduler.from_config(stock_config(config))
+
+
+def _solver_config(config):
+    from pipelines.grids import flow_solver_config, is_flow_config
+    return flow_solver_config(config) if is_flow_config(config) else config
 
 
 def _unipc(config, **_):
     from pipelines.grids import RefinedUniPCScheduler
-    return RefinedUniPCScheduler.from_config(config)
+    return RefinedUniPCScheduler.from_config(_solver_config(config))
 
 
 def _dpmpp(config, **_):
     from pipelines.grids import RefinedDPMSolverScheduler
-    return RefinedDPMSolverScheduler.from_config(config, algorithm_type="dpmsolver++")
+    return RefinedDPMSolverScheduler.from_config(_solver_config(config), algorithm_type="dpmsolver++")
 
 
 def _dc_solver(config, pipe=None, guidance=None):
     # The ratios depend on the model and the guidance: with the pipeline at hand, use its own fitted file.
     from pipelines.dcsolver import DCSolverScheduler, dc_solver_from_config, fitted_for
+    config = _solver_config(config)
     if pipe is None:
         return dc_solver_from_config(config)
     return DCSolverScheduler.from_config(config, **fitted_for(pipe, "unipc", guidance))
@@ -71,8 +84,6 @@ def make_scheduler(pipe, name: str, guidance: float | None = None):
         return pipe.scheduler
     if name not in SCHEDULERS:
         raise GenerationError(f"unknown scheduler '{name}': choose one of default, {', '.join(SCHEDULERS)}")
-    if "FlowMatch" in type(pipe.scheduler).__name__:
-        raise GenerationError(f"'{name}' is a noise-prediction sampler; this flow-matching model needs --scheduler default")
     if not hasattr(pipe, "_studio_default_scheduler"):
         pipe._studio_default_scheduler = pipe.scheduler
     pipe.scheduler = SCHEDULERS[name](pipe._studio_default_scheduler.config, pipe=pipe, guidance=guidance)

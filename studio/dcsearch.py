@@ -24,8 +24,13 @@ import numpy as np
 import torch
 
 from pipelines.dcsolver import (CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, cpr_ratios,
-                               lagrange_compensate, scheduler_fingerprint, table_range)
+                               lagrange_compensate, scheduler_fingerprint, solver_config, table_range)
 from pipelines.grids import sampling_top
+
+
+def grid_key(t) -> float:
+    """A grid point's key in a reference: its timestep (an integer for ε/v models, σ·1000 for flow models)."""
+    return round(float(t), 3)
 
 
 def mse(a, b) -> float:
@@ -41,8 +46,12 @@ class Run:
 
     def __init__(self, scheduler, denoise, noise):
         self.scheduler, self.denoise, self.i = scheduler, denoise, 0
-        self.x = noise * scheduler.init_noise_sigma
-        self.out = denoise(scheduler.scale_model_input(self.x, scheduler.timesteps[0]), scheduler.timesteps[0])
+        self.x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at x = noise
+        self.out = denoise(self._scaled(self.x, scheduler.timesteps[0]), scheduler.timesteps[0])
+
+    def _scaled(self, x, t):
+        scale = getattr(self.scheduler, "scale_model_input", None)  # FlowMatchEuler has none
+        return x if scale is None else scale(x, t)
 
     @property
     def done(self) -> bool:
@@ -55,7 +64,7 @@ class Run:
         self.i += 1
         if not self.done:
             t = timesteps[self.i]
-            self.out = self.denoise(self.scheduler.scale_model_input(self.x, t), t)
+            self.out = self.denoise(self._scaled(self.x, t), t)
         return self
 
     def settled_state(self):
@@ -147,7 +156,44 @@ def solver_reference(denoise, noise, grid, config, progress=None) -> dict:
     run = Run(scheduler, denoise, noise.to(torch.float32))
     states = {}
     while not run.done:
-        states[int(scheduler.timesteps[run.i])] = run.x
+        states[grid_key(scheduler.timesteps[run.i])] = run.x
+        run.advance()
+        if progress is not None:
+            progress(1)
+    states["final"] = run.x
+    return states
+
+
+def fine_flow_grid(coarse_timesteps, max_gap: float, num_train_timesteps: int = 1000) -> list:
+    """Descending flow timesteps (σ·1000) from the first coarse one down to σ = 1e-4 that contain every coarse
+    timestep, with gaps <= max_gap and a geometric tail (ratio 1.25) below the first gap: the coarse solvers' last
+    step goes from their lowest σ to 0, which the reference resolves."""
+    anchors = sorted({float(t) for t in coarse_timesteps} | {0.0}, reverse=True)
+    grid = [anchors[0]]
+    for a, b in zip(anchors[:-1], anchors[1:]):
+        pieces = max(1, int(np.ceil((a - b) / max_gap)))
+        grid += [a + (b - a) * k / pieces for k in range(1, pieces)] + [b]
+    grid.pop()  # σ = 0: the tail below replaces the last linear piece
+    low = 1e-4 * num_train_timesteps
+    pieces = max(1, int(np.ceil(np.log(grid[-1] / low) / np.log(1.25))))
+    return grid + [float(v) for v in np.geomspace(grid[-1], low, pieces + 1)[1:]]
+
+
+def flow_reference(denoise, noise, grid, config, progress=None) -> dict:
+    """The flow analogue of solver_reference: UniPC's flow mode (the DC-Solver's own predictor-corrector, which
+    DPM-Solver++ cannot take an explicit σ grid in) over the fine `grid` of σ·1000, already shifted, ending at σ = 0."""
+    from pipelines.grids import RefinedUniPCScheduler
+
+    config = {**dict(config), "flow_shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
+              "final_sigmas_type": "zero"}
+    config = {k: v for k, v in config.items() if not k.startswith(("dc_", "cpr_")) and k != "guidance_scale"}
+    scheduler = RefinedUniPCScheduler.from_config(config)
+    n = scheduler.config.num_train_timesteps
+    scheduler.set_timesteps(sigmas=np.array([float(t) / n for t in grid]))
+    run = Run(scheduler, denoise, noise.to(torch.float32))
+    states = {}
+    for t in grid:  # keyed by the asked grid point: the scheduler's float32 σ·1000 is within 1e-4 of it
+        states[grid_key(t)] = run.x
         run.advance()
         if progress is not None:
             progress(1)
@@ -174,7 +220,7 @@ def converged_reference(denoise, noise, config, check_steps: int = 400, progress
 
 def targets_for(scheduler, reference: dict) -> list:
     """Reference states aligned to the scheduler's grid: [x(t_0), ..., x(t_{N-1}), final]."""
-    return [reference[int(t)] for t in scheduler.timesteps] + [reference["final"]]
+    return [reference[grid_key(t)] for t in scheduler.timesteps] + [reference["final"]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,9 +411,6 @@ def pipeline_denoiser(pipe, prompts, guidance: float, negative: str = ""):
     from pipelines.families import family_of
 
     family = family_of(pipe)
-    if family.flow:
-        raise ValueError(f"DC-Solver's ratio search needs a noise-prediction (ε or v) model; {family.label} samples "
-                         "by flow matching")
     device = pipe.device
     size = family.native_size()
     cond = family.sized(family.encode_text(list(prompts), device), size, size)
@@ -400,6 +443,22 @@ def default_prompts(count: int):
 SOLVERS = {"unipc": DCSolverScheduler, "dpm++": DCDPMSolverScheduler}
 
 
+def search_config(pipe) -> dict:
+    """The scheduler config the search fits on: the model's own, in UniPC's flow mode for a flow model. A shift
+    that grows with the image size (Flux dev, SD3.5 with dynamic shifting) is fixed at the native size's (time_shift
+    with mu equals the static shift e^mu, or mu for the linear kind), where the ratios are then valid."""
+    config = solver_config(pipe.scheduler.config)
+    if config.get("use_flow_sigmas") and config.get("use_dynamic_shifting"):
+        from pipelines.families import family_of
+
+        family = family_of(pipe)
+        size = family.native_size()
+        mu = family._shift(pipe.scheduler, size, size)["mu"]
+        shift = float(np.exp(mu)) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
+        config = {**config, "use_dynamic_shifting": False, "flow_shift": shift}
+    return config
+
+
 def make_dc_scheduler(config, solver: str = "unipc", **overrides):
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}': choose {' or '.join(SOLVERS)}")
@@ -409,31 +468,40 @@ def make_dc_scheduler(config, solver: str = "unipc", **overrides):
 def reference_plan(scheduler, steps_list, reference_steps, max_gap=None) -> list:
     """One fine grid per distinct start timestep (spacings like "leading" start lower for fewer steps), each
     containing every coarse grid that starts there. -> [(fine grid, {steps: coarse grid})]."""
+    flow = bool(scheduler.config.get("use_flow_sigmas"))
     grids = {}
     for steps in steps_list:
         scheduler.set_timesteps(steps)
-        grids[steps] = [int(t) for t in scheduler.timesteps]
+        grids[steps] = [grid_key(t) for t in scheduler.timesteps]
     plan = []
     for start in sorted({g[0] for g in grids.values()}, reverse=True):
         members = {s: g for s, g in grids.items() if g[0] == start}
-        gap = max_gap or max(1, int(np.ceil(start / reference_steps)))
-        plan.append((fine_grid(start, [t for g in members.values() for t in g], gap), members))
+        coarse = [t for g in members.values() for t in g]
+        if flow:
+            fine = fine_flow_grid(coarse, max_gap or start / reference_steps, scheduler.config.num_train_timesteps)
+        else:
+            fine = fine_grid(int(start), coarse, max_gap or max(1, int(np.ceil(start / reference_steps))))
+        plan.append((fine, members))
     return plan
 
 
 def references_for(denoise, noise, scheduler, steps_list, reference_steps, progress=None, max_gap=None,
                    method: str = "dpm++") -> dict:
     """Fine references from `noise`, aligned to each coarse grid. -> {steps: [x(t_0), ..., final]}.
-    method: "dpm++" (DPM-Solver++(2M), the default) or "ddim" (the paper's protocol, needs ~1000 steps)."""
+    method: "dpm++" (DPM-Solver++(2M), the default) or "ddim" (the paper's protocol, needs ~1000 steps). A flow
+    model's reference is always fine UniPC in its flow mode (flow_reference)."""
     out = {}
+    flow = bool(scheduler.config.get("use_flow_sigmas"))
+    if method not in ("dpm++", "ddim"):
+        raise ValueError(f"unknown reference method '{method}': use dpm++ or ddim")
     for grid, members in reference_plan(scheduler, steps_list, reference_steps, max_gap):
-        if method == "ddim":
+        if flow:
+            reference = flow_reference(denoise, noise, grid, scheduler.config, progress)
+        elif method == "ddim":
             reference = ddim_reference(denoise, noise, grid, scheduler.alphas_cumprod,
                                        scheduler.config.prediction_type, scheduler.config.final_sigmas_type, progress)
-        elif method == "dpm++":
-            reference = solver_reference(denoise, noise, grid, scheduler.config, progress)
         else:
-            raise ValueError(f"unknown reference method '{method}': use dpm++ or ddim")
+            reference = solver_reference(denoise, noise, grid, scheduler.config, progress)
         for steps, coarse in members.items():
             out[steps] = [reference[t] for t in coarse] + [reference["final"]]
     return out
@@ -478,7 +546,7 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
     prompts = list(prompts or default_prompts(samples))
     prompts = (prompts * samples)[:samples]
     noise = pipeline_noise(pipe, fit_seeds + val_seeds)
-    scheduler = make_dc_scheduler(pipe.scheduler.config, solver, **(scheduler_overrides or {}))
+    scheduler = make_dc_scheduler(search_config(pipe), solver, **(scheduler_overrides or {}))
     searched = sum(max(0, s - scheduler.config.dc_order) for s in steps_list) * len(guidances) * (2 if refine else 1)
     points = cpr_check_points(steps_list, guidances)
     between = {}  # guidance -> step counts checked off the grid (they need their own references)

@@ -130,14 +130,14 @@ def test_dc_search_rejects_bad_input_with_one_line(capsys):
     assert capsys.readouterr().err.strip() == "error: --steps takes comma-separated numbers, got '5,x'"
 
 
-def test_ratio_search_drives_every_noise_family_and_refuses_flow_ones():
-    """The search's model call is the family layer's: SDXL works as SD and PixArt do; a flow model is one clear error."""
+def test_ratio_search_drives_every_family_flow_ones_too():
+    """The search's model call is the family layer's: SDXL works as SD and PixArt do, and a flow model (SD3) gives
+    the velocity its own pipeline steps with."""
     from pipelines.tiny import tiny_sd3_pipeline, tiny_sdxl_pipeline
     from studio.dcsearch import pipeline_denoiser, pipeline_noise
 
-    pipe = tiny_sdxl_pipeline()
-    noise = pipeline_noise(pipe, [0, 1])
-    out = pipeline_denoiser(pipe, ["a photo of a bag", "a coat"], 3.0)(noise, torch.tensor(500))
-    assert out.shape == noise.shape and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="flow matching"):
-        pipeline_denoiser(tiny_sd3_pipeline(), ["a bag"], 3.0)
+    for pipe in (tiny_sdxl_pipeline(), tiny_sd3_pipeline()):
+        noise = pipeline_noise(pipe, [0, 1])
+        out = pipeline_denoiser(pipe, ["a photo of a bag", "a coat"], 3.0)(noise, torch.tensor(500.0))
+        assert out.shape == noise.shape and torch.isfinite(out).all()
+

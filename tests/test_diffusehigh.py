@@ -276,11 +276,18 @@ def test_works_with_dc_solver(family_pipe, name):
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_dc_solver_on_a_flow_model_is_one_clear_line(family_pipe, name):
+def test_flow_models_take_dc_solver_in_its_flow_mode_and_ddim_is_one_clear_line(family_pipe, name):
     pipe = family_pipe(name)
-    with pytest.raises(ValueError, match="'dc-solver' is a noise-prediction sampler") as info:
-        diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=4, scheduler="dc-solver")
-    assert "\n" not in str(info.value) and "FlowMatch" in type(pipe.scheduler).__name__
+    try:
+        out = diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=4, scheduler="dc-solver", output_type="pt")
+        assert type(pipe.scheduler).__name__ == "DCSolverScheduler" and pipe.scheduler.config.use_flow_sigmas
+        assert out.stages[-1].shape[-1] == 2 * out.stages[0].shape[-1] and torch.isfinite(out.stages[-1]).all()
+        with pytest.raises(ValueError, match="'ddim' is a noise-prediction sampler") as info:
+            diffusehigh(pipe, PROMPT, scales=(2,), num_inference_steps=4, scheduler="ddim")
+        assert "\n" not in str(info.value)
+    finally:
+        pipe.scheduler = getattr(pipe, "_studio_default_scheduler", pipe.scheduler)
+    assert "FlowMatch" in type(pipe.scheduler).__name__
 
 
 @pytest.mark.parametrize("name", ["pixel"] + FAMILIES)
