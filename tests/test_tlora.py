@@ -266,3 +266,24 @@ def test_export_lora_reproduces_the_delta(tmp_path):
         up, down = tensors[f"lora_transformer_{path}.lora_up.weight"], tensors[f"lora_transformer_{path}.lora_down.weight"]
         rebuilt = (up.flatten(1) @ down.flatten(1)).view(w.shape)
         torch.testing.assert_close(rebuilt, handle.layers[path].delta_weight(w), rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dense_and_mode_product_routes_give_the_same_output_and_gradients(kind):
+    """A training batch (more rows than input features) takes the dense ΔW route, a small input the mode products
+    on x; both are W0·(T x − x) + s·Δx, with the same gradients."""
+    torch.manual_seed(0)
+    layer = (nn.Linear(24, 16) if kind == "linear" else nn.Conv2d(6, 8, 3, padding=1)).double()
+    adapter = TLoRA(layer, AdapterConfig(method="tlora", rank=3)).double()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    # linear: 50 rows > 24 features, slices of 10 rows; conv: 4 x 25 pixels > 6·3·3 = 54, slices of one image
+    x = torch.randn((50, 24) if kind == "linear" else (4, 6, 5, 5), dtype=torch.float64)
+    dense = adapter.forward_delta(x, layer, None)
+    mode = torch.cat([adapter.forward_delta(part, layer, None) for part in x.split(10 if kind == "linear" else 1)])
+    assert torch.allclose(dense, mode, atol=1e-10)
+    params = list(adapter.parameters())
+    for a, b in zip(torch.autograd.grad(dense.sum(), params), torch.autograd.grad(mode.sum(), params)):
+        assert torch.allclose(a, b, atol=1e-9)
