@@ -218,7 +218,7 @@ def test_train_tab_fills_the_method_tables_values(tmp_path):
         assert found["class_prompt"].splitlines()[0] == "a photo of a bag"
         assert f"`studio train --show-defaults {method}`" in found["source"]
     dit = method_defaults("tlora", "embedded-dit", "a photo of sks bag")["source"]
-    assert "targets attn+ff, 400 steps (dit family default (tlora))" in dit and "DiT" in dit
+    assert "targets attn+ff, 600 steps (dit family default (tlora))" in dit and "DiT" in dit
     plain = method_defaults("lora", "embedded", "a photo of a bag")
     assert plain["prior_preservation"] is False and "no identifier token" in plain["source"]
     assert validation_prompt_lines("a photo of sks bag\n\n  on a beach  \n") == ["a photo of sks bag", "on a beach"]
