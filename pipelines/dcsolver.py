@@ -29,7 +29,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from pipelines.grids import RefinedGrid, flow_solver_config, is_flow_config
+from pipelines.grids import RefinedGrid, flow_solver_config, is_flow_config, solver_config
 
 FITTED_FILES = {"unipc": "dc_solver.json", "dpm++": "dc_dpmsolver.json"}  # per model folder
 CPR_TERMS = 36
@@ -411,11 +411,6 @@ def dc_solver_from_config(config):
         if fits(path, config):
             return DCSolverScheduler.from_config(config, **load_fitted(path))
     return DCSolverScheduler.from_config(config)
-
-
-def solver_config(config) -> dict:
-    """A scheduler config as UniPC / DPM-Solver++ take it: a flow-matching model's in their flow mode."""
-    return flow_solver_config(config) if is_flow_config(config) else dict(config)
 
 
 def scheduler_fingerprint(config) -> dict:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pipelines.dwt import WAVELETS, dwt2, idwt2
 from pipelines.families import family_of, output_for_x0, predicted_x0, take
+from pipelines.grids import is_flow_config
 from pipelines.text2image import (apply_model_defaults, check_call, family_pipeline_base, make_scheduler,
                                   model_defaults, seeded_generators, step_callback)
 
@@ -222,7 +223,7 @@ def noise_level(scheduler, index: int, t):
     x_in = alpha·x0 + sigma·eps (DDIM, UniPC, DPM-Solver, and Euler after scale_model_input);
     "flow" means x = (1 - sigma)·x0 + sigma·eps (flow matching)."""
     sigmas = getattr(scheduler, "sigmas", None)
-    if "FlowMatch" in type(scheduler).__name__ or scheduler.config.get("use_flow_sigmas"):  # UniPC/DC flow mode too
+    if is_flow_config(scheduler.config):  # FlowMatchEuler, or UniPC / DC-Solver in their flow mode
         sigma = float(sigmas[index])
         return "flow", 1.0 - sigma, sigma
     if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:

@@ -151,6 +151,12 @@ def flow_solver_config(config) -> dict:
     return out
 
 
+def solver_config(config) -> dict:
+    """A scheduler config as UniPC / DPM-Solver++ (and the DC variants) take it: a flow-matching model's in their
+    flow mode, any other as it is."""
+    return flow_solver_config(config) if is_flow_config(config) else dict(config)
+
+
 def stock_config(config) -> dict:
     """A scheduler config stock diffusers classes accept: "refined" spacing becomes trailing spacing from the usable
     T (the same betas up to it), the nearest they come to the refined grid."""

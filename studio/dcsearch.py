@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from pipelines.dcsolver import (CPR_TERMS, DCDPMSolverScheduler, DCSolverScheduler, cpr_features, cpr_ratios,
-                               lagrange_compensate, scheduler_fingerprint, solver_config, table_range)
-from pipelines.grids import sampling_top
+                               lagrange_compensate, scheduler_fingerprint, table_range)
+from pipelines.grids import sampling_top, solver_config
 
 
 def grid_key(t) -> float:
