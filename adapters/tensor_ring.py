@@ -80,13 +80,22 @@ def apply_transform(x: torch.Tensor, cores) -> torch.Tensor:
 
 
 def transform_matrix(cores) -> torch.Tensor:
-    """The dense T (n×n), for merging and tests."""
-    t = cores[0]  # (I, J, a, b)
-    for core in cores[1:]:
-        i, j, ra, _ = t.shape
-        t = torch.einsum("ijab,klbc->ikjlac", t, core.to(t.dtype))
-        t = t.reshape(i * core.shape[0], j * core.shape[1], ra, core.shape[3])
-    return torch.diagonal(t, dim1=2, dim2=3).sum(-1)
+    """The dense T (n×n), for merging, the training route and tests. Each step is one matmul over the ring
+    index (the last one over both ring indices, which closes the trace), so no (n, n, R, R) tensor is built."""
+    first = cores[0]
+    if len(cores) == 1:
+        return torch.diagonal(first, dim1=2, dim2=3).sum(-1)
+    t = first  # (I, J, a, b): rows and columns done so far, ring start a, current ring index b
+    for core in cores[1:-1]:
+        big_i, big_j, ra, rb = t.shape
+        i, j, _, rc = core.shape
+        t = t.reshape(big_i * big_j * ra, rb) @ core.to(t.dtype).permute(2, 0, 1, 3).reshape(rb, i * j * rc)
+        t = t.reshape(big_i, big_j, ra, i, j, rc).permute(0, 3, 1, 4, 2, 5).reshape(big_i * i, big_j * j, ra, rc)
+    last = cores[-1].to(t.dtype)  # (i, j, b, a): T[(I,i), (J,j)] = Σ_ab t[I, J, a, b] · last[i, j, b, a]
+    big_i, big_j, ra, rb = t.shape
+    i, j = last.shape[:2]
+    out = t.reshape(big_i * big_j, ra * rb) @ last.permute(3, 2, 0, 1).reshape(ra * rb, i * j)
+    return out.reshape(big_i, big_j, i, j).permute(0, 2, 1, 3).reshape(big_i * i, big_j * j)
 
 
 def transform_count(factors, rank: int) -> int:
@@ -100,14 +109,17 @@ def ring_chain(cores) -> torch.Tensor:
     """(ΠK_d, R, R): the matrix product G^1[k_1] ⋯ G^D[k_D] for every flat index (row-major)."""
     chain = cores[0]
     for core in cores[1:]:
-        chain = torch.einsum("pab,kbc->pkac", chain, core.to(chain.dtype))
-        chain = chain.reshape(-1, chain.shape[-2], chain.shape[-1])
+        p, ra, rb = chain.shape
+        k, _, rc = core.shape
+        chain = chain.reshape(p * ra, rb) @ core.to(chain.dtype).transpose(0, 1).reshape(rb, k * rc)
+        chain = chain.reshape(p, ra, k, rc).transpose(1, 2).reshape(p * k, ra, rc)
     return chain
 
 
 def ring_residual_matrix(out_cores, in_cores) -> torch.Tensor:
-    """Dense Δ (out × in), Δ[o, i] = tr(B(o) · C(i))."""
-    return torch.einsum("oab,iba->oi", ring_chain(out_cores), ring_chain(in_cores))
+    """Dense Δ (out × in), Δ[o, i] = tr(B(o) · C(i)) = Σ_ab B(o)[a, b] · C(i)[b, a]."""
+    b, c = ring_chain(out_cores), ring_chain(in_cores)
+    return b.reshape(b.shape[0], -1) @ c.transpose(1, 2).reshape(c.shape[0], -1).T
 
 
 def apply_ring_residual(x: torch.Tensor, out_cores, in_cores) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters import AdapterConfig, attach, load_adapter, save_adapter
@@ -269,21 +270,38 @@ def test_export_lora_reproduces_the_delta(tmp_path):
 
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_dense_and_mode_product_routes_give_the_same_output_and_gradients(kind):
-    """A training batch (more rows than input features) takes the dense ΔW route, a small input the mode products
-    on x; both are W0·(T x − x) + s·Δx, with the same gradients."""
+def test_dense_and_mode_product_routes_give_the_same_output_and_gradients(kind, dropout):
+    """forward_delta takes the dense W0·(T − I) route or the mode products on x (dense_route's cost model);
+    both are W0·(T x − x) + s·Δ·dropout(x), with the same gradients, and dropout reaches only the residual."""
     torch.manual_seed(0)
     layer = (nn.Linear(24, 16) if kind == "linear" else nn.Conv2d(6, 8, 3, padding=1)).double()
-    adapter = TLoRA(layer, AdapterConfig(method="tlora", rank=3)).double()
+    adapter = TLoRA(layer, AdapterConfig(method="tlora", rank=3, dropout=dropout)).double()
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    # linear: 50 rows > 24 features, slices of 10 rows; conv: 4 x 25 pixels > 6·3·3 = 54, slices of one image
     x = torch.randn((50, 24) if kind == "linear" else (4, 6, 5, 5), dtype=torch.float64)
-    dense = adapter.forward_delta(x, layer, None)
-    mode = torch.cat([adapter.forward_delta(part, layer, None) for part in x.split(10 if kind == "linear" else 1)])
-    assert torch.allclose(dense, mode, atol=1e-10)
-    params = list(adapter.parameters())
-    for a, b in zip(torch.autograd.grad(dense.sum(), params), torch.autograd.grad(mode.sum(), params)):
+    outputs, grads = [], []
+    for dense in (True, False):
+        adapter.dense_route = lambda rows, dense=dense: dense
+        torch.manual_seed(1)  # the same dropout mask on both routes
+        out = adapter.forward_delta(x, layer, None)
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out.sum(), list(adapter.parameters())))
+    del adapter.dense_route
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-10)
+    for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-9)
+    if dropout == 0.0:  # with no dropout both equal the dense new weight's output
+        expected = F.linear(x, adapter.delta_weight(layer.weight)) if kind == "linear" else \
+            F.conv2d(x, adapter.delta_weight(layer.weight), padding=1)
+        assert torch.allclose(outputs[0], expected, atol=1e-10)
+
+
+def test_the_route_follows_the_cost_of_each():
+    """A training batch into a narrow layer goes dense; a few text tokens into a wide layer use the mode products."""
+    adapter = TLoRA(nn.Linear(128, 128), AdapterConfig(method="tlora", rank=4))
+    assert adapter.dense_route(512)
+    wide = TLoRA(nn.Linear(2048, 1280), AdapterConfig(method="tlora", rank=4))
+    assert not wide.dense_route(154) and wide.dense_route(16384)
