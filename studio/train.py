@@ -949,14 +949,14 @@ def tracker_config(config: TrainConfig) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in asdict(config).items()}
 
 
-def make_optimizer(config: TrainConfig, groups):
-    """groups: Trainable.parameter_groups (each group carries its own weight decay)."""
+def optimizer_class(config: TrainConfig):
+    """The optimiser's constructor, imported now: a package that is missing is one line before anything loads."""
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw") from None
-        return bnb.optim.AdamW8bit(groups, lr=config.lr)
+        return lambda groups: bnb.optim.AdamW8bit(groups, lr=config.lr)
     if config.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
@@ -964,8 +964,14 @@ def make_optimizer(config: TrainConfig, groups):
             raise ValueError("--optimizer prodigy needs prodigyopt (pip install prodigyopt); use adamw") from None
         # As diffusers' training scripts set it: decoupled decay, bias correction, and no step-size growth
         # before the warm-up is over.
-        return Prodigy(groups, lr=config.lr, decouple=True, use_bias_correction=True, safeguard_warmup=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return lambda groups: Prodigy(groups, lr=config.lr, decouple=True, use_bias_correction=True,
+                                      safeguard_warmup=True)
+    return lambda groups: torch.optim.AdamW(groups, lr=config.lr)
+
+
+def make_optimizer(config: TrainConfig, groups):
+    """groups: Trainable.parameter_groups (each group carries its own weight decay)."""
+    return optimizer_class(config)(groups)
 
 
 def make_schedule(config: TrainConfig, optimizer):
@@ -1108,6 +1114,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
 
     sources = {k: v for k, v in config.sources.items() if v != "set"}  # data.json: what the method table filled in
     config, accelerator = fit_budget(config, accelerator, say)  # --budget: before anything is loaded
+    new_optimizer = optimizer_class(config)
     is_main = accelerator.is_main_process
     log_file = JsonlLog(folder.log)
     pipe = load_pipeline(config.base, device=accelerator.device, attention=config.attention, tf32=config.tf32)
@@ -1131,7 +1138,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    optimizer = make_optimizer(config, trainable.parameter_groups(config.weight_decay))
+    optimizer = new_optimizer(trainable.parameter_groups(config.weight_decay))
     schedule = make_schedule(config, optimizer)
     # The schedule is stepped once per optimiser step by the loop itself (not prepared: accelerate would
     # step it once per process), so warm-up and decay mean the same on 1 or 8 GPUs.

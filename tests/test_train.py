@@ -408,7 +408,11 @@ def test_prodigy_takes_its_own_step_size_and_resumes_bitwise(tiny_sd_dir, subjec
 
 
 def test_an_optimizer_package_that_is_missing_is_one_line(tiny_sd_dir, subject, tmp_path, monkeypatch, capsys):
+    """Before anything loads or class images are drawn."""
+    import pipelines
+
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed
+    monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: pytest.fail("the base was loaded first"))
     code = main(["train", "--base", str(tiny_sd_dir), "--images", str(subject), "--prompt", "a photo of sks bag",
                  "--optimizer", "prodigy", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
