@@ -36,7 +36,7 @@ METHODS = {
 # 0.75 and 0.70 at 1000 steps with the method rates; measured on embedded-dit with the defaults bench (20 images):
 # LoLDU lr 1e-3 / 2e-3 / 3e-3 / 5e-3 -> 0.55 / 0.75 / 0.85 / 0.60 (rank 128 at 2e-3: 0.35), SaRA lr 1e-2 at
 # 800 / 1000 steps -> 0.80 / 0.95 (1000 steps ran past 10 minutes on the loaded machine); TLoRA 400 / 600 steps ->
-# 0.25 / 0.90 (600 steps: 688 s on the idle machine, over the 10-minute goal).
+# 0.25 / 0.90 (600 steps: 358 s on the idle machine, 2 threads, 2026-12-08).
 FAMILIES = {
     "unet": {},
     "dit": {"loldu": {"targets": "attn+ff", "steps": 1000, "lr": 3e-3}, "tlora": {"targets": "attn+ff", "steps": 600},
