@@ -463,6 +463,19 @@ def describe_changes(changes: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ planner
 
+# Fake runs are the slow part of a plan (every op of a training step through Python). The Train tab, `studio train
+# --budget` (which plans, searches, then trains) and repeated `plan` calls ask about the same model again: they are
+# kept per model, keyed by the folder's files (name, size, modification time) so an edited model is planned anew.
+_PLANS: dict = {}
+
+
+def _folder_signature(folder) -> tuple:
+    if folder is None:
+        return ()
+    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns, p.stat().st_size)
+                        for p in Path(folder).rglob("*") if p.is_file()))
+
+
 class Planner:
     """Predictions and measurements for one base model on one device kind ("cuda" or "cpu").
 
@@ -477,7 +490,10 @@ class Planner:
         self.overrides = dict(denoiser or {})
         self.images = int(images or TYPICAL_IMAGES)
         self.folder = None if self.source in PUBLISHED else _local_folder(self.source)
-        self._runs, self._encode, self._sample = {}, {}, {}  # fake runs; no-grad passes by size (and method)
+        # fake runs; no-grad passes by size (and method): shared by every planner of the same model in this process
+        self._runs, self._encode, self._sample = _PLANS.setdefault(
+            (self.source, device, self.images, repr(sorted(self.overrides.items())), _folder_signature(self.folder)),
+            ({}, {}, {}))
 
     # --- building
     def pipeline(self):
