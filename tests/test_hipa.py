@@ -224,24 +224,34 @@ def test_training_runs_in_the_shared_loop_and_resumes(tiny_sd_dir, tmp_path):
                              adapter=run_dir / "adapter").images) == 1
 
 
-def test_shipped_adapter_runs_on_the_embedded_model():
-    from pathlib import Path
+@pytest.mark.parametrize("base", ["embedded", "embedded-dit"])
+def test_shipped_adapter_runs_on_the_embedded_model(base):
+    """Each embedded model's shipped HiPA adapter (pipelines.assets.SHIPPED_HIPA): one batched call, its own base,
+    and an image unlike the plain one-step one."""
+    import json
 
     from pipelines import load_pipeline
+    from pipelines.assets import assets_dir, shipped_hipa
+    from pipelines.families import family_of
 
-    root = Path(__file__).resolve().parent.parent / "assets"
-    if not (root / "embedded" / "model_index.json").is_file():
+    if not (assets_dir() / base / "model_index.json").is_file():
         pytest.skip("the embedded model is not built")
-    pipe = load_pipeline("embedded", device="cpu")
+    folder = shipped_hipa(base)
+    assert json.loads((folder / "hipa.json").read_text())["base"] == base
+    pipe = load_pipeline(base, device="cpu")
     pipe.set_progress_bar_config(disable=True)
+    plain = hipa.one_step(pipe, "a photo of a sneaker", num_images_per_prompt=2, output_type="np").images
     batches = []
-    hook = pipe.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    hook = family_of(pipe).denoiser.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
     try:
-        images = hipa.one_step(pipe, "a photo of a sneaker", adapter=root / "hipa", num_images_per_prompt=2).images
+        images = hipa.one_step(pipe, "a photo of a sneaker", adapter=folder, num_images_per_prompt=2,
+                               output_type="np").images
     finally:
         hook.remove()
-    assert len(images) == 2 and batches == [2] and images[0].size == (32, 32)
+    assert images.shape == (2, 32, 32, 3) and batches == [2]
     assert type(pipe.scheduler).__name__ == "RefinedUniPCScheduler"  # its own scheduler, restored after the one step
+    hipa.drop_adapter(pipe)
+    assert abs(images - plain).mean() > 0.01
 
 
 # ----------------------------------------------------------------------------------------------------

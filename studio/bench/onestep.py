@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from pipelines.assets import assets_dir
+from pipelines.assets import shipped_hipa
 
 EVAL_SEED = 10_000
-DEFAULT_ADAPTER = assets_dir() / "hipa"
 
 
 def add_arguments(p):
     p.add_argument("--base", default="embedded", help="the model (embedded, or a diffusers folder)")
-    p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="the HiPA adapter folder")
+    p.add_argument("--adapter", default=None, help="the HiPA adapter folder (default: the one shipped for an embedded "
+                                                   "model, assets/hipa or assets/hipa-dit)")
     p.add_argument("--per-class", type=int, default=15, help="images per prompt class")
     p.add_argument("--teacher-steps", type=int, default=None, help="default: the adapter's teacher (hipa.json)")
     p.add_argument("--dc-steps", type=int, default=5)
@@ -97,8 +97,13 @@ def run(args):
 
     if args.per_class < 2:
         raise ValueError(f"--per-class must be at least 2 (FD needs several images), got {args.per_class}")
+    if args.adapter is None:
+        if shipped_hipa(args.base) is None:
+            raise ValueError(f"no HiPA adapter is shipped for {args.base}: pass --adapter FOLDER "
+                             f"(train one with `studio hipa --base {args.base}`)")
+        args.adapter = str(shipped_hipa(args.base))
     if not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no HiPA adapter at {args.adapter}: train one with `studio hipa train`")
+        raise FileNotFoundError(f"no HiPA adapter at {args.adapter}: train one with `studio hipa --base {args.base}`")
     torch.manual_seed(0)
     pipe = load_pipeline(args.base, device=args.device)
     pipe.set_progress_bar_config(disable=True)
