@@ -462,7 +462,9 @@ def search_config(pipe) -> dict:
 def make_dc_scheduler(config, solver: str = "unipc", **overrides):
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}': choose {' or '.join(SOLVERS)}")
-    return SOLVERS[solver].from_config(config, **overrides)
+    scheduler = SOLVERS[solver].from_config(config, **overrides)
+    scheduler._warned_range = True  # the search sets the ratios itself: "no fitted ratios" is not news here
+    return scheduler
 
 
 def reference_plan(scheduler, steps_list, reference_steps, max_gap=None) -> list:
