@@ -949,8 +949,8 @@ def tracker_config(config: TrainConfig) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in asdict(config).items()}
 
 
-def optimizer_class(config: TrainConfig):
-    """The optimiser's constructor, imported now: a package that is missing is one line before anything loads."""
+def optimizer_factory(config: TrainConfig):
+    """groups -> the optimiser, its package imported now: a missing one is one line before anything loads."""
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -971,7 +971,7 @@ def optimizer_class(config: TrainConfig):
 
 def make_optimizer(config: TrainConfig, groups):
     """groups: Trainable.parameter_groups (each group carries its own weight decay)."""
-    return optimizer_class(config)(groups)
+    return optimizer_factory(config)(groups)
 
 
 def make_schedule(config: TrainConfig, optimizer):
@@ -1114,7 +1114,7 @@ def _train(config, objective, folder, accelerator, say, emit, stop, bar):
 
     sources = {k: v for k, v in config.sources.items() if v != "set"}  # data.json: what the method table filled in
     config, accelerator = fit_budget(config, accelerator, say)  # --budget: before anything is loaded
-    new_optimizer = optimizer_class(config)
+    new_optimizer = optimizer_factory(config)
     is_main = accelerator.is_main_process
     log_file = JsonlLog(folder.log)
     pipe = load_pipeline(config.base, device=accelerator.device, attention=config.attention, tf32=config.tf32)
