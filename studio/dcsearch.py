@@ -206,16 +206,23 @@ def converged_reference(denoise, noise, config, check_steps: int = 400, progress
     (sampling_top) to 0, independent of any coarse grid. Convergence is shown by a second, different solver
     (DPM-Solver++(2M), about check_steps steps over the same range) landing on the same sample. -> {"final": DDIM's final
     latent, "check": DPM-Solver++'s, "top": T}."""
+    ddim, top = converged_final(denoise, noise, config, progress)
+    grid = fine_grid(top, [], max(1, int(np.ceil(top / check_steps))))  # with its dense tail near t = 0
+    check = solver_reference(denoise, noise, grid, {**dict(config), "final_sigmas_type": "zero"}, progress)["final"]
+    return {"final": ddim, "check": check, "top": top}
+
+
+def converged_final(denoise, noise, config, progress=None) -> tuple:
+    """(DDIM's final latent through every training timestep from the usable T, that T): converged_reference without
+    the second solver's check."""
     from diffusers import DDIMScheduler
 
     betas = DDIMScheduler.from_config(config).betas
     abar = torch.cumprod(1 - betas.double(), 0)
     top = sampling_top(abar)
-    ddim = ddim_reference(denoise, noise, list(range(top, -1, -1)), abar, config.get("prediction_type", "epsilon"),
-                          "zero", progress)["final"]
-    grid = fine_grid(top, [], max(1, int(np.ceil(top / check_steps))))  # with its dense tail near t = 0
-    check = solver_reference(denoise, noise, grid, {**dict(config), "final_sigmas_type": "zero"}, progress)["final"]
-    return {"final": ddim, "check": check, "top": top}
+    final = ddim_reference(denoise, noise, list(range(top, -1, -1)), abar, config.get("prediction_type", "epsilon"),
+                           "zero", progress)["final"]
+    return final, top
 
 
 def targets_for(scheduler, reference: dict) -> list:
@@ -510,18 +517,21 @@ def references_for(denoise, noise, scheduler, steps_list, reference_steps, progr
 
 
 def check_cpr(pipe, coeffs, scheduler, noise, prompts, points, known, reference_steps, reference="dpm++",
-              progress=None) -> list:
+              progress=None, finals=None) -> list:
     """CPR's ratios against rho = 1 (UniPC) on held-out noise at each (steps, guidance) point. known: {(steps,
-    guidance): (final target, UniPC's held-out MSE)} from the search; other points get their own reference."""
+    guidance): (final target, UniPC's held-out MSE)} from the search; finals: {guidance: the held-out converged
+    sample}, the target of every other point at that guidance; without one a point gets its own reference."""
     checks = []
+    finals = finals or {}
     for guidance in sorted({g for _, g in points}):
         steps_here = [s for s, g in points if g == guidance]
         denoise = pipeline_denoiser(pipe, prompts, guidance)
-        missing = [s for s in steps_here if (s, guidance) not in known]
+        missing = [s for s in steps_here if (s, guidance) not in known and guidance not in finals]
         references = references_for(denoise, noise, scheduler, missing, reference_steps, progress,
                                     method=reference) if missing else {}
         for steps in steps_here:
-            target, plain = known.get((steps, guidance)) or (references[steps][-1], None)
+            target, plain = known.get((steps, guidance)) or (
+                finals[guidance] if guidance in finals else references[steps][-1], None)
             if plain is None:
                 plain = final_error(scheduler, denoise, noise, target, [1.0] * steps)
             ratios = cpr_ratios(coeffs, steps, guidance, scheduler.config.dc_order)
@@ -536,8 +546,16 @@ def check_cpr(pipe, coeffs, scheduler, noise, prompts, points, known, reference_
 def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "unipc", seed: int = 0,
                reference_steps: int = 60, bounds=(0.0, 2.0), default_guidance: float = 2.0,
                prompts=None, progress_factory=None, scheduler_overrides=None, refine: bool = False,
-               reference: str = "dpm++", step_fallback: bool = False) -> dict:
-    """Search ratios for every (steps, guidance), validate on held-out noise, fit the CPR. Returns the JSON dict."""
+               reference: str = "dpm++", step_fallback: bool = False, validate: str = "converged") -> dict:
+    """Search ratios for every (steps, guidance), validate on held-out noise, fit the CPR. Returns the JSON dict.
+
+    The ratios are fitted to the fine reference's states on the grid (they need a target at every step). They are
+    validated, and CPR checked, on the held-out half against validate="converged": the converged sample (DDIM
+    through every timestep from the usable T, what the model really draws), or "reference": the fine reference's
+    final state. A fit can beat UniPC against a 200-step reference and lose against the converged sample (embedded,
+    6 steps at CFG 7.5, docs/dc-solver.md). Flow models have no converged DDIM; they validate on the reference."""
+    if validate not in ("converged", "reference"):
+        raise ValueError(f"unknown validation target '{validate}': use converged or reference")
     started = time.time()
     steps_list = sorted({int(s) for s in steps_list})
     guidances = [float(g) for g in guidances]
@@ -555,17 +573,21 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
     for n, g in points:
         if n not in steps_list or g not in guidances:
             between.setdefault(g, []).append(n)
-    checked_calls = len(points) + sum(len(grid) - 1 for g, ss in between.items()
-                                      for grid, _ in reference_plan(scheduler, ss, reference_steps))
+    converged = validate == "converged" and not scheduler.config.get("use_flow_sigmas")
+    top = sampling_top(scheduler.alphas_cumprod) if converged else 0
+    checked_calls = len(points) + (len(guidances) * top if converged else sum(
+        len(grid) - 1 for g, ss in between.items() for grid, _ in reference_plan(scheduler, ss, reference_steps)))
     total = (sum(len(g) - 1 for g, _ in reference_plan(scheduler, steps_list, reference_steps)) * len(guidances)
              + searched + checked_calls)
     bar = progress_factory(total) if progress_factory else None
     tick = bar.update if bar is not None else None
-    table, known = [], {}
+    table, known, finals = [], {}, {}
     for guidance in guidances:
         denoise = pipeline_denoiser(pipe, prompts + prompts, float(guidance))  # fit and held-out halves
         references = references_for(denoise, noise, scheduler, steps_list, reference_steps, tick, method=reference)
-        fit_denoise = pipeline_denoiser(pipe, prompts, float(guidance))
+        fit_denoise = pipeline_denoiser(pipe, prompts, float(guidance))  # the held-out half has the same prompts
+        if converged:
+            finals[guidance] = converged_final(fit_denoise, noise[samples:], scheduler.config, tick)[0]
         for steps in steps_list:
             targets = references[steps]
             fit_targets = [t[:samples] for t in targets]
@@ -575,19 +597,21 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
             if refine:
                 ratios = refine_ratios(scheduler, fit_denoise, noise[:samples], fit_targets[-1], ratios, bounds,
                                        progress=tick)
-            checked = validate_ratios(scheduler, fit_denoise, noise[samples:], targets[-1][samples:], ratios,
+            heldout_target = finals[guidance] if converged else targets[-1][samples:]
+            checked = validate_ratios(scheduler, fit_denoise, noise[samples:], heldout_target, ratios,
                                       per_step=step_fallback)
             table.append({"steps": steps, "guidance": float(guidance), "ratios": checked["ratios"],
                           "greedy_ratios": found["ratios"], "step_losses": found["steps"],
                           "heldout_mse_plain": checked["mse_plain"], "heldout_mse_dc": checked["mse_dc"]})
-            known[(steps, guidance)] = (targets[-1][samples:], checked["mse_plain"])
+            known[(steps, guidance)] = (heldout_target, checked["mse_plain"])
             if bar is not None:
                 bar.set_postfix_str(f"steps {steps} cfg {guidance:g}: held-out MSE {checked['mse_plain']:.3g} -> "
                                     f"{checked['mse_dc']:.3g}")
     coeffs, cpr_error = fit_cpr(table, scheduler.config.dc_order)
     if bar is not None:
         bar.set_postfix_str("held-out check of CPR")
-    checks = check_cpr(pipe, coeffs, scheduler, noise[samples:], prompts, points, known, reference_steps, reference, tick)
+    checks = check_cpr(pipe, coeffs, scheduler, noise[samples:], prompts, points, known, reference_steps, reference, tick,
+                       finals)
     if bar is not None:
         bar.close()
     keep = ("solver_order", "solver_type", "disable_corrector", "lower_order_final", "final_sigmas_type", "dc_order",
@@ -599,10 +623,13 @@ def run_search(pipe, steps_list, guidances, samples: int = 10, solver: str = "un
         "solver_config": {k: scheduler.config[k] for k in keep if k in scheduler.config},
         "fit_seeds": fit_seeds, "heldout_seeds": val_seeds, "prompts": prompts,
         "reference": {"sampler": {"dpm++": "DPM-Solver++(2M)", "ddim": "DDIM"}[reference], "steps": reference_steps,
-                      "grid": "contains every coarse timestep; targets are the states at exactly those timesteps"},
+                      "grid": "contains every coarse timestep; targets are the states at exactly those timesteps",
+                      "heldout_target": "converged sample" if converged else "reference final state"},
         "search": {"kind": "greedy bounded Brent per step" + (", then one coordinate sweep on the final error" if refine
                             else ""), "bounds": list(bounds), "target": "corrected state at t_{i+1}",
-                   "validation": "held-out noise: the ratios are kept only if they beat rho = 1 there" +
+                   "validation": "held-out noise: the ratios are kept only if they beat rho = 1 there, against " +
+                                 ("the converged sample (DDIM through every timestep from T)" if converged else
+                                  "the fine reference's final state") +
                                  ("; steps that do not help fall back to rho = 1" if step_fallback else "") +
                                  "; CPR is checked against rho = 1 at every grid point and inside every grid cell, "
                                  "and used only in the validated box where it never lost"},

@@ -67,6 +67,18 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
         c["heldout_mse_cpr"] <= c["heldout_mse_plain"] for c in data["cpr_check"])}
     printed = capsys.readouterr().out
     assert "held-out MSE" in printed and "validated: steps 4-5, cfg 1-2" in printed
+    # held out against the converged sample: UniPC's error there is its distance to DDIM through every timestep
+    from studio.dcsearch import (converged_final, final_error, make_dc_scheduler, pipeline_denoiser, pipeline_noise,
+                                 search_config)
+
+    assert data["reference"]["heldout_target"] == "converged sample"
+    pipe = load_pipeline(str(tiny_pixart_dir), device="cpu")
+    entry = next(e for e in data["table"] if e["steps"] == 4 and e["guidance"] == 2.0)
+    denoise = pipeline_denoiser(pipe, data["prompts"], 2.0)
+    noise = pipeline_noise(pipe, data["heldout_seeds"])
+    scheduler = make_dc_scheduler(search_config(pipe), "unipc", dc_order=order)
+    target = converged_final(denoise, noise, scheduler.config)[0]
+    assert final_error(scheduler, denoise, noise, target, [1.0] * 4) == pytest.approx(entry["heldout_mse_plain"], rel=1e-5)
     # a model folder carrying dc_solver.json gets its ratios through for_pipeline
     (tiny_pixart_dir / "dc_solver.json").write_text(out.read_text())
     try:

@@ -26,6 +26,9 @@ def add_arguments(p):
     p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++"], help="the solver DC compensates")
     p.add_argument("--reference", default="dpm++", choices=["dpm++", "ddim"],
                    help="sampler of the fine reference: DPM-Solver++(2M) (accurate in few calls) or DDIM")
+    p.add_argument("--validate", default="converged", choices=["converged", "reference"],
+                   help="held-out target the ratios must beat UniPC on: the converged sample (DDIM through every "
+                        "timestep from the usable T; default) or the fine reference's final state")
     p.add_argument("--reference-steps", type=int, default=60,
                    help="steps of the fine reference (its grid always contains every coarse timestep)")
     p.add_argument("--bounds", default="0,2", help="search interval for each ratio")
@@ -77,6 +80,7 @@ def run(args):
                         seed=args.seed, reference_steps=args.reference_steps, bounds=tuple(bounds),
                         default_guidance=default_guidance, scheduler_overrides={**spacing_overrides(args.timestep_spacing), "dc_order": args.dc_order},
                         refine=args.refine, reference=args.reference, step_fallback=args.step_fallback,
+                        validate=args.validate,
                         progress_factory=lambda total: tqdm(total=total, desc="dc-search", unit="call"))
     write_json(args.out, result)
     for entry in result["table"]:
