@@ -50,7 +50,7 @@ def test_dc_search_command_writes_ratios_the_scheduler_loads(tiny_pixart_dir, tm
 
     out = tmp_path / "dc_solver.json"
     code = main(["dc-search", "--base", str(tiny_pixart_dir), "--steps", "4,5", "--guidance", "1,2", "--samples", "2",
-                 "--reference-steps", "20", "--out", str(out)])
+                 "--reference-steps", "20", "--validate", "converged", "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     assert len(data["table"]) == 4 and len(data["cpr_coeffs"]) == 36
