@@ -190,12 +190,11 @@ def test_from_pipe_shares_the_components_and_calls_as_the_function(model, name):
 
 
 def test_one_step_from_pipe_keeps_the_adapter_on_the_shared_denoiser(model):
-    from pathlib import Path
-
     from pipelines import OneStepPipeline
+    from pipelines.assets import shipped_hipa
     from pipelines.hipa import drop_adapter
 
-    root = Path(__file__).resolve().parent.parent / "assets" / "hipa"
+    root = shipped_hipa("embedded")
     pipe = model("embedded")
     plain = one_step(pipe, PROMPT, output_type="np").images
     made = OneStepPipeline.from_pipe(pipe)

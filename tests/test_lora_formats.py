@@ -303,10 +303,10 @@ def test_one_step_with_a_lora_file_equals_the_lora_merged_into_the_base(tmp_path
     from peft.utils import get_peft_model_state_dict
 
     from pipelines import load_pipeline, one_step
-    from pipelines.assets import assets_dir
+    from pipelines.assets import shipped_hipa
     from studio.generate import apply_adapters
 
-    hipa = str(assets_dir() / "hipa")
+    hipa = str(shipped_hipa("embedded"))
     maker = load_pipeline("embedded", device="cpu")
     maker.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                       init_lora_weights="gaussian"))

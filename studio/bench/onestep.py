@@ -98,10 +98,11 @@ def run(args):
     if args.per_class < 2:
         raise ValueError(f"--per-class must be at least 2 (FD needs several images), got {args.per_class}")
     if args.adapter is None:
-        if shipped_hipa(args.base) is None:
+        shipped = shipped_hipa(args.base)
+        if shipped is None:
             raise ValueError(f"no HiPA adapter is shipped for {args.base}: pass --adapter FOLDER "
                              f"(train one with `studio hipa --base {args.base}`)")
-        args.adapter = str(shipped_hipa(args.base))
+        args.adapter = str(shipped)
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no HiPA adapter at {args.adapter}: train one with `studio hipa --base {args.base}`")
     torch.manual_seed(0)
